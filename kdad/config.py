@@ -1,0 +1,182 @@
+"""YAML configuration with typed keys, defaults and ``-o key=value`` overrides.
+
+The keys of the original KDAD ``config.yaml`` keep their meaning; new keys have defaults. Every
+key is checked before any work starts: an unknown key, a wrong type or a missing file is an error
+that names the key (and the file).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import yaml
+
+# key: (type, default, help). ``float`` accepts ints and numeric strings such as "1e-3"
+# (PyYAML reads 1e-3 without a dot as a string, as in the original config file).
+SCHEMA: Dict[str, Tuple[type, Any, str]] = {
+    # --- keys of the original KDAD config ---
+    "experiment_name": (str, "kdad", "name used in log headers"),
+    "dataset_name": (str, "mvtec", "mvtec (MVTec AD layout) or folder (good/defect folders, no masks)"),
+    "normal_class": (str, "", "the class (MVTec category) trained as normal"),
+    "num_epochs": (int, 601, "training epochs (paper: 601 for MVTec)"),
+    "batch_size": (int, 64, "training batch size (per process)"),
+    "learning_rate": (float, 1e-3, "Adam learning rate"),
+    "mvtec_img_size": (int, 128, "input size (square) after resizing"),
+    "lamda": (float, 0.5, "weight of the MSE term (paper: 0.5 MVTec, 0.01 otherwise)"),
+    "pretrain": (bool, True, "True: ImageNet expert; False: Xavier-initialised expert saved with the model"),
+    "use_bias": (bool, False, "bias in the cloner's convolutions"),
+    "equal_network_size": (bool, False, "cloner config A (VGG16 widths) instead of B"),
+    "direction_loss_only": (bool, False, "use only the cosine (direction) term"),
+    "continue_train": (bool, False, "resume from the latest checkpoint in save_dir"),
+    "localization_test": (bool, True, "compute localization maps and pixel metrics in test"),
+    "localization_method": (str, "gradients", "gradients | smooth_grad | gbp"),
+    "last_checkpoint": (int, -1, "original key, unused: evaluation takes --model_path"),
+    # --- new keys ---
+    "expert": (str, "vgg16", "vgg16 (the paper) or efficientnet_lite0"),
+    "expert_weights": (str, "weights/vgg16.pdparams", "VGG16 ImageNet weights (pretrain: True)"),
+    "dataset_root": (str, "", "folder holding <normal_class>/train, test, ground_truth"),
+    "save_dir": (str, "output", "checkpoints go to <save_dir>/<normal_class>/"),
+    "log_dir": (str, "logs", "<class>_train.log and <class>_val.log go here"),
+    "seed": (int, 42, "random seed (numpy, paddle, python)"),
+    "save_every": (int, 10, "checkpoint every N epochs (0: only the final one)"),
+    "keep_checkpoints": (bool, True, "keep every periodic checkpoint (needed for checkpoint averaging)"),
+    "cache_expert_features": (bool, True, "compute the expert's features once per training image"),
+    "holdout_fraction": (float, 0.1, "fraction of train/good held out for threshold calibration"),
+    "false_reject_rate": (float, 0.01, "OK/NG threshold: the rate of held-out normals called NG"),
+    "require_masks": (bool, True, "a defective test image without a mask is an error"),
+    "good_dir": (str, "good", "folder dataset: name of the normal folder"),
+    "defect_dir": (str, "defect", "folder dataset: name of the defective folder"),
+    "eval_batch_size": (int, 16, "batch size for scoring and localization"),
+    "blur_sigma": (float, 4.0, "Gaussian blur of localization maps (paper: 4)"),
+    "smoothgrad_samples": (int, 50, "SmoothGrad: noisy copies per image"),
+    "smoothgrad_sigma": (float, 0.05, "SmoothGrad: noise level multiplier (original code: 0.05)"),
+    "num_workers": (int, 0, "DataLoader worker processes"),
+    "progress_bar": (bool, True, "show a tqdm progress bar"),
+    "average_from_epoch": (int, 0, "checkpoint averaging: first epoch counted (after convergence)"),
+}
+
+LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp")
+DATASET_NAMES = ("mvtec", "folder")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work starts."""
+
+
+def default_config() -> Dict[str, Any]:
+    return {key: copy.deepcopy(default) for key, (_, default, _) in SCHEMA.items()}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    kind = SCHEMA[key][0]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: '{key}' must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def parse_overrides(items: Optional[Iterable[str]]) -> Dict[str, Any]:
+    """Turn ``["key=value", ...]`` into a dict, values parsed as YAML scalars."""
+    result: Dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return result
+
+
+def load_config(
+    path: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Defaults, then the YAML file, then ``overrides``; validated."""
+    config = default_config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
+        _merge(config, loaded, f"config file '{path}'")
+    if overrides:
+        _merge(config, overrides, "command line")
+    validate(config)
+    return config
+
+
+def _merge(config: Dict[str, Any], values: Mapping[str, Any], source: str) -> None:
+    for key, value in values.items():
+        if key not in SCHEMA:
+            close = [known for known in SCHEMA if known.lower() == str(key).lower()]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}'{hint}")
+        if value is None:
+            raise ConfigError(f"{source}: '{key}' has no value")
+        config[key] = _coerce(key, value, source)
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Check value ranges and choices (types are checked while merging)."""
+    checks = [
+        (config["num_epochs"] >= 1, "num_epochs must be >= 1"),
+        (config["batch_size"] >= 1, "batch_size must be >= 1"),
+        (config["learning_rate"] > 0, "learning_rate must be > 0"),
+        (config["mvtec_img_size"] >= 32 and config["mvtec_img_size"] % 32 == 0,
+         "mvtec_img_size must be a multiple of 32 (the networks pool 5 times)"),
+        (config["lamda"] >= 0, "lamda must be >= 0"),
+        (0 <= config["holdout_fraction"] < 1, "holdout_fraction must be in [0, 1)"),
+        (0 < config["false_reject_rate"] < 1, "false_reject_rate must be in (0, 1)"),
+        (config["localization_method"] in LOCALIZATION_METHODS,
+         f"localization_method must be one of {LOCALIZATION_METHODS}"),
+        (config["dataset_name"] in DATASET_NAMES, f"dataset_name must be one of {DATASET_NAMES}"),
+        (config["save_every"] >= 0, "save_every must be >= 0"),
+        (config["eval_batch_size"] >= 1, "eval_batch_size must be >= 1"),
+        (config["smoothgrad_samples"] >= 1, "smoothgrad_samples must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def require_dataset(config: Mapping[str, Any]) -> str:
+    """Return the class folder, or raise a clear error when it is missing."""
+    if not config["dataset_root"]:
+        raise ConfigError("dataset_root is not set: pass --dataset_root DIR or -o dataset_root=DIR")
+    if not config["normal_class"] and config["dataset_name"] == "mvtec":
+        raise ConfigError("normal_class is not set: pass --normal_class NAME")
+    folder = os.path.join(config["dataset_root"], config["normal_class"])
+    if not os.path.isdir(folder):
+        raise ConfigError(f"dataset folder '{folder}' does not exist (dataset_root + normal_class)")
+    return folder
+
+
+def dump_config(config: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(config), sort_keys=True)
