@@ -38,7 +38,7 @@ class KDADModel(nn.Layer):
         self.loss_taps = tuple(loss_taps if loss_taps is not None else expert.spec.loss_taps)
         self.score_taps = tuple(score_taps if score_taps is not None else expert.spec.score_taps)
 
-    def train(self) -> "KDADModel":  # the expert never leaves eval mode
+    def train(self) -> KDADModel:  # the expert never leaves eval mode
         super().train()
         self.expert.eval()
         return self

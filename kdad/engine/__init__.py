@@ -1,0 +1,1 @@
+"""Training, evaluation and prediction loops (the exportable model lives in kdad.models)."""

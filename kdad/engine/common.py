@@ -1,0 +1,56 @@
+"""Helpers shared by the loops: seeding, datasets from a config, batched scoring."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, List, Mapping, Tuple
+
+import numpy as np
+import paddle
+
+from kdad.config import require_dataset
+from kdad.data import AnomalyDataset, Sample, list_folder, list_mvtec, split_holdout
+from kdad.models.kdad_model import KDADModel
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def train_samples(config: Mapping[str, Any]) -> List[Sample]:
+    """Normal training images (``train/good`` or the folder dataset's good folder)."""
+    folder = require_dataset(config)
+    if config["dataset_name"] == "folder":
+        return [s for s in list_folder(folder, config["good_dir"], config["defect_dir"]) if s.label == 0]
+    return list_mvtec(config["dataset_root"], config["normal_class"], "train")
+
+
+def test_samples(config: Mapping[str, Any]) -> List[Sample]:
+    folder = require_dataset(config)
+    if config["dataset_name"] == "folder":
+        return list_folder(folder, config["good_dir"], config["defect_dir"])
+    return list_mvtec(config["dataset_root"], config["normal_class"], "test",
+                      require_masks=bool(config["require_masks"]))
+
+
+def split_train(config: Mapping[str, Any]) -> Tuple[List[Sample], List[Sample]]:
+    """``(train, holdout)``: a documented fraction of the normal images is held out for calibration."""
+    samples = train_samples(config)
+    train_idx, holdout_idx = split_holdout(len(samples), float(config["holdout_fraction"]),
+                                           int(config["seed"]))
+    return [samples[i] for i in train_idx], [samples[i] for i in holdout_idx]
+
+
+def dataset(samples: List[Sample], config: Mapping[str, Any]) -> AnomalyDataset:
+    return AnomalyDataset(samples, int(config["mvtec_img_size"]))
+
+
+@paddle.no_grad()
+def score_images(model: KDADModel, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Anomaly scores of ``images`` [N,3,H,W] in [0, 1], computed in batches."""
+    model.eval()
+    scores = [model.score(paddle.to_tensor(images[i:i + batch_size])).numpy()
+              for i in range(0, len(images), batch_size)]
+    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,132 @@
+"""Evaluation on the test set: image AUROC, localization maps and pixel metrics, val logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import paddle
+
+from kdad.engine.common import dataset, score_images, test_samples
+from kdad.localization import localization_maps
+from kdad.metrics import compute_all
+from kdad.models.kdad_model import KDADModel
+from kdad.utils.checkpoint import list_epoch_checkpoints, load_model
+
+METRIC_ORDER = ("image_auroc", "image_f1_max", "paper_localization_auc", "pixel_auroc", "aupro")
+
+
+def evaluate_model(model: KDADModel, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Metrics of ``model`` on the test split of ``config`` (no threshold is chosen here)."""
+    data = dataset(test_samples(config), config)
+    images, labels = data.images(), data.labels
+    batch = int(config["eval_batch_size"])
+    t0 = time.time()
+    if not config["localization_test"]:
+        scores = score_images(model, images, batch)
+        metrics = compute_all(labels, scores)
+    else:
+        scores_list: List[np.ndarray] = []
+        paper_list: List[np.ndarray] = []
+        raw_list: List[np.ndarray] = []
+        for start in range(0, len(images), batch):
+            s, paper, raw = localization_maps(
+                model, paddle.to_tensor(images[start:start + batch]), config["localization_method"],
+                float(config["blur_sigma"]), int(config["smoothgrad_samples"]),
+                float(config["smoothgrad_sigma"]),
+            )
+            scores_list.append(s)
+            paper_list.append(paper)
+            raw_list.append(raw)
+        scores = np.concatenate(scores_list)
+        has_mask = data.has_masks.astype(bool)
+        if config["dataset_name"] == "folder" or not has_mask[labels == 1].any():
+            metrics = compute_all(labels, scores)
+        else:
+            metrics = compute_all(labels, scores, masks=data.masks(), maps=np.concatenate(raw_list),
+                                  paper_maps=np.concatenate(paper_list), has_mask=has_mask)
+    metrics = {key: float(value) for key, value in metrics.items()}
+    return {
+        "metrics": metrics,
+        "num_test_images": int(len(labels)),
+        "num_defective": int(labels.sum()),
+        "seconds": round(time.time() - t0, 2),
+        "scores": scores.tolist(),
+        "labels": labels.tolist(),
+        "files": [s.path for s in data.samples],
+    }
+
+
+def write_val_log(config: Mapping[str, Any], result: Mapping[str, Any], model_desc: str) -> str:
+    """Write ``logs/<class>_val.log`` (one ``key: value`` per line) and its JSON twin."""
+    name = config["normal_class"] or "folder"
+    os.makedirs(config["log_dir"], exist_ok=True)
+    path = os.path.join(config["log_dir"], f"{name}_val.log")
+    lines = [
+        f"class: {name}",
+        f"model: {model_desc}",
+        f"expert: {config['expert']}",
+        f"pretrain: {config['pretrain']}",
+        f"localization_method: {config['localization_method'] if config['localization_test'] else 'none'}",
+        f"image_size: {config['mvtec_img_size']}",
+        f"test_images: {result['num_test_images']}",
+        f"defective_images: {result['num_defective']}",
+    ]
+    metrics = result["metrics"]
+    for key in METRIC_ORDER:
+        if key in metrics:
+            lines.append(f"{key}: {metrics[key]:.4f}")
+    lines.append(f"eval_seconds: {result['seconds']}")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    summary = {key: value for key, value in result.items() if key not in ("scores", "labels", "files")}
+    summary.update({"class": name, "model": model_desc, "expert": config["expert"]})
+    with open(path[:-4] + ".json", "w", encoding="utf-8") as handle:
+        json.dump({**summary, "per_image": [
+            {"file": f, "label": int(lab), "score": float(s)}
+            for f, lab, s in zip(result["files"], result["labels"], result["scores"])]}, handle, indent=1)
+    return path
+
+
+def evaluate_checkpoint(model_path: str, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """Evaluate a checkpoint; the result's ``config`` is the effective one (networks from the file)."""
+    model, _, effective = load_model(model_path, config)
+    result = evaluate_model(model, effective)
+    result["config"] = effective
+    return result
+
+
+def evaluate_average(folder: str, config: Mapping[str, Any], from_epoch: int) -> Dict[str, Any]:
+    """The paper's protocol: the mean of each metric over the periodic checkpoints (every
+    ``save_every`` epochs) from ``from_epoch`` on. No checkpoint is selected."""
+    checkpoints = [(e, p) for e, p in list_epoch_checkpoints(folder) if e >= from_epoch]
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint_epoch_*.pdparams with epoch >= {from_epoch} in '{folder}'")
+    results = [evaluate_checkpoint(path, config) for _, path in checkpoints]
+    keys = results[0]["metrics"].keys()
+    averaged = {key: float(np.mean([r["metrics"][key] for r in results])) for key in keys}
+    last = dict(results[-1])
+    last["metrics"] = averaged
+    last["averaged_epochs"] = [e for e, _ in checkpoints]
+    return last
+
+
+def run_test(config: Mapping[str, Any], model_path: Optional[str], average: bool = False) -> Dict[str, Any]:
+    """Evaluate and write the val logs; returns the result."""
+    if average:
+        folder = model_path if model_path and os.path.isdir(model_path) else os.path.join(
+            config["save_dir"], config["normal_class"])
+        result = evaluate_average(folder, config, int(config["average_from_epoch"]))
+        epochs = result["averaged_epochs"]
+        desc = (f"average of {len(epochs)} checkpoints, epochs {epochs[0]}..{epochs[-1]} "
+                f"(paper protocol) in {folder}")
+    else:
+        if not model_path:
+            raise ValueError("--model_path is required (or --average_checkpoints)")
+        result = evaluate_checkpoint(model_path, config)
+        desc = f"{model_path} (final model, no checkpoint selection)"
+    result["log_path"] = write_val_log(result.pop("config"), result, desc)
+    return result

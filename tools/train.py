@@ -1,0 +1,24 @@
+"""Train KDAD on one class: python tools/train.py --config configs/config.yaml --dataset_root DIR --normal_class NAME"""
+
+import os
+import sys
+from typing import List
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from kdad.cli import base_parser, config_from_args, run_main  # noqa: E402
+
+
+def main(argv: List[str]) -> int:
+    args = base_parser("Train the KDAD cloner on normal images of one class.").parse_args(argv)
+    config = config_from_args(args)
+    from kdad.engine.trainer import train
+
+    path = train(config)
+    if path:
+        print(f"final model: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
