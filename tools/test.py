@@ -1,4 +1,4 @@
-"""Evaluate a trained model: python tools/test.py --config ... --dataset_root ... --normal_class ... --model_path ..."""
+"""Evaluate a trained model (see README): python tools/test.py --config CFG --model_path CKPT ..."""
 
 import os
 import sys

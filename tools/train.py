@@ -1,4 +1,4 @@
-"""Train KDAD on one class: python tools/train.py --config configs/config.yaml --dataset_root DIR --normal_class NAME"""
+"""Train KDAD on one class: python tools/train.py --config CFG --dataset_root DIR --normal_class NAME"""
 
 import os
 import sys

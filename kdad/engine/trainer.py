@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 import numpy as np
 import paddle
@@ -17,7 +17,12 @@ from kdad.losses import training_loss
 from kdad.metrics import normal_map_statistics, threshold_from_normal_scores
 from kdad.models.kdad_model import KDADModel, build_model, check_taps_match
 from kdad.utils.checkpoint import (
-    FINAL_NAME, LATEST_NAME, RANDOM_EXPERT_NAME, atomic_save, epoch_checkpoint_name, load_checkpoint,
+    FINAL_NAME,
+    LATEST_NAME,
+    RANDOM_EXPERT_NAME,
+    atomic_save,
+    epoch_checkpoint_name,
+    load_checkpoint,
 )
 from kdad.utils.logger import get_logger
 
@@ -66,8 +71,10 @@ def calibrate(model: KDADModel, holdout_images: np.ndarray, config: Mapping[str,
     }
 
 
-def train(config: Dict[str, Any]) -> Optional[str]:
-    """Train the cloner of ``config``; returns the final checkpoint path (rank 0) or None."""
+def train(config: Dict[str, Any], return_model: bool = False):
+    """Train the cloner of ``config``; returns the final checkpoint path (rank 0) or None.
+
+    With ``return_model`` returns ``(path_or_None, model)`` (every rank; used by tests)."""
     rank, world_size = _world()
     seed_everything(int(config["seed"]))
     out_dir = class_dir(config)
@@ -158,7 +165,7 @@ def train(config: Dict[str, Any]) -> Optional[str]:
     if world_size > 1:
         dist.barrier()
     if rank != 0:
-        return None
+        return (None, model) if return_model else None
     model.eval()
     calibration = calibrate(model, holdout_images, config)
     log.info(f"calibration on {calibration['holdout_images']} held-out normal images: "
@@ -167,4 +174,4 @@ def train(config: Dict[str, Any]) -> Optional[str]:
     atomic_save({"cloner": model.cloner.state_dict(), "epoch": num_epochs - 1, "config": dict(config),
                  "calibration": calibration}, final)
     log.info(f"saved {final}")
-    return final
+    return (final, model) if return_model else final
