@@ -27,6 +27,7 @@ def atomic_save(obj: Any, path: str) -> None:
     os.close(handle)
     try:
         paddle.save(obj, tmp_path)
+        os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
