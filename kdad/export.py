@@ -1,0 +1,362 @@
+"""Export a trained checkpoint to Paddle Inference models, each with a ``deploy.yaml``.
+
+One checkpoint gives up to three static graphs (``paddle.jit.save``: ``model.json`` +
+``model.pdiparams``), each in its own folder under ``save_dir``:
+
+* ``score/``: expert + cloner + :meth:`KDADModel.score`; output ``scores [N]``. Forward only: runs
+  with oneDNN on or off and converts to ONNX.
+* ``heatmap/``: outputs ``(scores [N], sum_c |d sum(scores) / d x| [N, S, S])``, the input gradient
+  taken inside the graph with ``paddle.grad``. The gradient of the *sum* of per-image scores makes
+  each image's map independent of the batch. It contains backward ops, so it runs in Paddle
+  Inference with oneDNN off only and does not convert to ONNX (Paddle 3.3.1, paddle2onnx 2.1.0).
+  The Gaussian blur stays outside the graph (:func:`kdad.localization.blur`), so the deployed map
+  equals :func:`kdad.localization.raw_maps_from_gradients` of the dynamic model.
+* ``feature_map/``: outputs ``(scores [N], feature distance map [N, S, S])``, the forward-only
+  map of :mod:`kdad.feature_maps`; also blurred outside the graph.
+
+The input is ``x``: ``float32 [N, 3, S, S]``, RGB in [0, 1] after an INTER_AREA resize to ``S``
+(:func:`kdad.data.io.preprocess`), no mean/std.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import yaml
+
+import kdad
+from kdad.feature_maps import feature_distance_map
+from kdad.localization import blur, input_gradients, raw_maps_from_gradients
+from kdad.losses import per_image_distance
+from kdad.models.kdad_model import KDADModel
+from kdad.utils.checkpoint import NETWORK_KEYS, load_model
+
+MODEL_KINDS = ("score", "heatmap", "feature_map")
+MODEL_PREFIX = "model"
+MODEL_FILENAME = MODEL_PREFIX + ".json"
+PARAMS_FILENAME = MODEL_PREFIX + ".pdiparams"
+DEPLOY_FILENAME = "deploy.yaml"
+INPUT_NAME = "x"
+
+
+_SCORE = "per-image anomaly score (KDAD distance over the score taps)"
+OUTPUTS = {  # (meaning, is a map) per output, in fetch order
+    "score": [(_SCORE, False)],
+    "heatmap": [(_SCORE, False), ("sum_c |d sum(scores) / d x| (blur outside the graph)", True)],
+    "feature_map": [(_SCORE, False),
+                    ("per-position feature distance, kdad.feature_maps (blur outside the graph)", True)],
+}
+
+
+class ScoreGraph(nn.Layer):
+    """``x -> scores [N]``."""
+
+    def __init__(self, model: KDADModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.model.score(x)
+
+
+class HeatmapGraph(nn.Layer):
+    """``x -> (scores [N], sum_c |d sum(scores) / d x| [N, S, S])``."""
+
+    def __init__(self, model: KDADModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        x.stop_gradient = False
+        scores = self.model.score(x)
+        (grad,) = paddle.grad(paddle.sum(scores), x)
+        return scores, paddle.sum(paddle.abs(grad), axis=1)
+
+
+class FeatureMapGraph(nn.Layer):
+    """``x -> (scores [N], feature distance map [N, S, S])`` (:mod:`kdad.feature_maps`)."""
+
+    def __init__(self, model: KDADModel, size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.size = int(size)
+
+    def forward(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        m = self.model
+        cloner_feats, expert_feats = m.features(x)  # one pass for both outputs
+        scores = per_image_distance(cloner_feats, expert_feats, m.score_taps, m.lamda, m.direction_only)
+        maps = feature_distance_map(cloner_feats, expert_feats, m.score_taps, m.lamda,
+                                    m.direction_only, self.size)
+        return scores, maps
+
+
+# --- reading exported programs ----------------------------------------------------------------
+
+
+def _walk(node: Any):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def read_program_info(model_file: str) -> Optional[Dict[str, Any]]:
+    """``{"inputs": {name: shape}, "ops": set of op names}`` of a PIR ``.json`` program.
+
+    Returns None for a legacy ``.pdmodel`` (protobuf) or an unparsable file.
+    """
+    if not model_file.endswith(".json"):
+        return None
+    try:
+        with open(model_file, encoding="utf-8") as handle:
+            program = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    inputs: Dict[str, List[int]] = {}
+    ops: Set[str] = set()
+    for node in _walk(program.get("program", {})):
+        op = node.get("#")
+        if not isinstance(op, str) or "A" not in node:
+            continue
+        ops.add(op.split(".", 1)[-1])
+        if op.endswith(".data"):
+            attrs = {a.get("N"): a.get("AT", {}).get("D") for a in node["A"] if isinstance(a, dict)}
+            if isinstance(attrs.get("name"), str) and isinstance(attrs.get("shape"), list):
+                inputs[attrs["name"]] = [int(v) for v in attrs["shape"]]
+    return {"inputs": inputs, "ops": ops}
+
+
+def engine_support(ops: Set[str]) -> Dict[str, Any]:
+    """Which engines a program can use, from its ops (facts verified on Paddle 3.3.1)."""
+    grad_ops = sorted(op for op in ops if op.endswith("_grad"))
+    interp_ops = sorted(op for op in ops if "interp" in op)
+    notes = []
+    if grad_ops:
+        notes.append("contains backward ops (input gradient): oneDNN fails on pool2d_grad in Paddle "
+                     "3.3.1 and paddle2onnx 2.1.0 aborts on *_grad ops")
+    if interp_ops:
+        notes.append("contains interpolation ops, which fail under oneDNN in Paddle 3.3.1 (#77340)")
+    return {"onednn": not grad_ops and not interp_ops, "onnx": not grad_ops,
+            "note": "; ".join(notes) or "forward only"}
+
+
+def load_deploy_config(folder: str) -> Dict[str, Any]:
+    """The ``Deploy`` mapping of ``<folder>/deploy.yaml`` (clear errors when missing or invalid)."""
+    path = os.path.join(folder, DEPLOY_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"'{path}' not found: every exported model folder holds a deploy.yaml (input size, "
+            "threshold, heatmap statistics); export the checkpoint with tools/export_model.py")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        raise ValueError(f"'{path}' is not valid YAML: {error}") from error
+    deploy = data.get("Deploy") if isinstance(data, dict) else None
+    required = ("kind", "input", "postprocess", "engine")
+    if not isinstance(deploy, dict) or any(key not in deploy for key in required):
+        raise ValueError(f"'{path}' is not a kdad deploy config (expected 'Deploy:' with {required})")
+    if deploy["kind"] not in MODEL_KINDS:
+        raise ValueError(f"'{path}': unknown model kind {deploy['kind']!r} (expected one of {MODEL_KINDS})")
+    return deploy
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, except lists of scalars (shapes, taps) on one line."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(value is None or isinstance(value, (bool, int, float, str)) for value in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def write_deploy_config(folder: str, deploy: Mapping[str, Any]) -> str:
+    path = os.path.join(folder, DEPLOY_FILENAME)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("# kdad deploy config (PaddleSeg style); written by kdad.export\n")
+        yaml.dump({"Deploy": dict(deploy)}, handle, Dumper=_Dumper, sort_keys=False, width=100)
+    return path
+
+
+def input_size(deploy: Mapping[str, Any]) -> int:
+    """The square input size ``S`` of a deploy config."""
+    shape = deploy["input"]["shape"]
+    return int(shape[-1])
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def _graph(kind: str, model: KDADModel, size: int) -> nn.Layer:
+    if kind == "score":
+        return ScoreGraph(model)
+    if kind == "heatmap":
+        return HeatmapGraph(model)
+    return FeatureMapGraph(model, size)
+
+
+def held_out_map_statistics(kind: str, model: KDADModel, config: Mapping[str, Any]
+                            ) -> Tuple[Optional[Dict], str]:
+    """Normal statistics of the deployed (blurred) ``kind`` maps on the trainer's held-out normal images."""
+    from kdad.engine.common import dataset, split_train
+    from kdad.metrics import normal_map_statistics
+
+    try:
+        _, holdout = split_train(config)
+    except (ValueError, FileNotFoundError) as error:
+        return None, f"not computed: the training images are not available ({error})"
+    if not holdout:
+        return None, "not computed: the checkpoint has no held-out normal images (holdout_fraction 0)"
+    images = dataset(holdout, config).images()
+    size, step = int(config["mvtec_img_size"]), int(config["eval_batch_size"])
+    sigma = float(config["blur_sigma"])
+    maps = []
+    for start in range(0, len(images), step):
+        batch = paddle.to_tensor(images[start:start + step])
+        if kind == "heatmap":
+            maps.append(raw_maps_from_gradients(input_gradients(model, batch)[1], sigma))
+            continue
+        with paddle.no_grad():
+            cloner_feats, expert_feats = model.features(batch)
+            raw = feature_distance_map(cloner_feats, expert_feats, model.score_taps, model.lamda,
+                                       model.direction_only, size)
+        maps.append(blur(raw.numpy(), sigma))
+    what = "raw gradient maps" if kind == "heatmap" else "feature maps"
+    return (normal_map_statistics(np.concatenate(maps)),
+            f"blurred (sigma {sigma:g}) {what} of {len(images)} held-out normal training images, "
+            "computed at export")
+
+
+def _deploy_config(kind: str, model: KDADModel, config: Mapping[str, Any], checkpoint: Mapping[str, Any],
+                   model_path: str, engine: Mapping[str, Any],
+                   statistics: Tuple[Optional[Dict], str]) -> Dict[str, Any]:
+    size = int(config["mvtec_img_size"])
+    calibration = checkpoint.get("calibration") or {}
+    threshold = calibration.get("threshold")
+    return {
+        "kind": kind,
+        "model": MODEL_FILENAME,
+        "params": PARAMS_FILENAME,
+        "input": {"name": INPUT_NAME, "shape": [-1, 3, size, size], "dtype": "float32",
+                  "layout": "NCHW", "channel_order": "RGB"},
+        "transforms": [
+            {"type": "Resize", "target_size": [size, size], "interpolation": "INTER_AREA"},
+            {"type": "Scale", "divide_by": 255.0, "range": [0.0, 1.0]},
+            {"type": "Normalize", "mean": None, "std": None},
+        ],
+        "outputs": [{"name": f"fetch_name_{i}", "meaning": meaning,
+                     "shape": [-1, size, size] if is_map else [-1]}
+                    for i, (meaning, is_map) in enumerate(OUTPUTS[kind])],
+        "model_info": {
+            "expert": config["expert"], "pretrain": bool(config["pretrain"]),
+            "score_taps": [int(t) for t in model.score_taps], "lamda": float(model.lamda),
+            "direction_only": bool(model.direction_only),
+        },
+        "postprocess": {
+            "blur_sigma": float(config["blur_sigma"]) if kind != "score" else None,
+            "threshold": None if threshold is None else float(threshold),
+            "threshold_source": (f"calibration: {calibration.get('holdout_images')} held-out normal "
+                                 f"images, false reject rate {calibration.get('false_reject_rate')}"
+                                 if threshold is not None else "none in the checkpoint: pass --threshold"),
+            "heatmap_statistics": statistics[0] if kind != "score" else None,
+            "heatmap_statistics_source": statistics[1] if kind != "score" else None,
+            "ng_rule": "score > threshold",
+        },
+        "engine": dict(engine),
+        "source": {"checkpoint": os.path.abspath(model_path), "epoch": checkpoint.get("epoch"),
+                   "kdad_version": kdad.__version__, "paddle_version": paddle.__version__},
+    }
+
+
+def probe_onednn(model_file: str, params_file: str, probe: np.ndarray,
+                 expected: Sequence[np.ndarray]) -> Tuple[bool, str]:
+    """Run the saved model on ``probe`` in Paddle Inference with oneDNN on; compare to ``expected``."""
+    from kdad.inference import PredictorOptions, create_paddle_predictor
+
+    try:
+        runner = create_paddle_predictor(model_file, params_file,
+                                         PredictorOptions(enable_mkldnn=True, cpu_threads=1))
+        outputs = runner.run(probe)
+    except Exception as error:  # noqa: BLE001 - any failure means "does not work with oneDNN"
+        return False, f"failed with oneDNN: {str(error).strip().splitlines()[-1][:200]}"
+    for got, want in zip(outputs, expected):
+        scale = max(float(np.abs(want).max()), 1e-12)
+        if got.shape != want.shape or float(np.abs(got - want).max()) > 1e-3 * scale:
+            return False, "oneDNN output differs from the dynamic graph by more than 1e-3 (relative)"
+    return True, "checked at export: oneDNN output matches the dynamic graph"
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str, Any]] = None,
+                 kinds: Sequence[str] = MODEL_KINDS, probe: bool = True,
+                 expected_config: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+    """Export ``kinds`` of checkpoint ``model_path`` to ``<save_dir>/<kind>/``; returns kind -> folder.
+
+    The networks, input size and everything else come from the checkpoint's config; ``overrides``
+    may change non-network keys (e.g. ``dataset_root``, used for the feature-map statistics).
+    Network keys of ``overrides`` or ``expected_config`` (e.g. a ``--config`` file) that differ
+    from the checkpoint are reported and ignored.
+    """
+    unknown = [kind for kind in kinds if kind not in MODEL_KINDS]
+    if unknown:
+        raise ValueError(f"unknown model kind(s) {unknown}; choose from {MODEL_KINDS}")
+    model, checkpoint, config = load_model(model_path, overrides)
+    requested = {**dict(expected_config or {}), **dict(overrides or {})}
+    for key in NETWORK_KEYS:
+        if key in requested and key != "expert_weights" and requested[key] != config.get(key):
+            _warn(f"ignoring {key}={requested[key]!r}: checkpoint '{model_path}' was trained with "
+                  f"{key}={config.get(key)!r}, which the exported models use")
+    for param in model.parameters():
+        param.stop_gradient = True  # only d/dx is ever needed
+    size = int(config["mvtec_img_size"])
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", name=INPUT_NAME)]
+    probe_input = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    calibration = checkpoint.get("calibration") or {}
+    written: Dict[str, str] = {}
+    for kind in kinds:
+        folder = os.path.join(save_dir, kind)
+        os.makedirs(folder, exist_ok=True)
+        graph = _graph(kind, model, size)
+        graph.eval()
+        expected = None
+        if probe and kind != "heatmap":  # dygraph reference, before to_static converts forward
+            with paddle.no_grad():
+                out = graph(paddle.to_tensor(probe_input))
+            expected = [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
+        static = paddle.jit.to_static(graph, input_spec=spec, full_graph=True)
+        paddle.jit.save(static, os.path.join(folder, MODEL_PREFIX))
+        model_file = os.path.join(folder, MODEL_FILENAME)
+        info = read_program_info(model_file) or {"ops": set()}
+        engine = engine_support(info["ops"])
+        if expected is not None and engine["onednn"]:
+            engine["onednn"], engine["onednn_check"] = probe_onednn(
+                model_file, os.path.join(folder, PARAMS_FILENAME), probe_input, expected)
+        same_blur = float(checkpoint["config"].get("blur_sigma", -1)) == float(config["blur_sigma"])
+        if kind == "heatmap" and calibration.get("map_statistics") and same_blur:
+            statistics = (calibration["map_statistics"], "calibration of the checkpoint: blurred raw "
+                          "gradient maps of held-out normal training images")
+        elif kind != "score":
+            statistics = held_out_map_statistics(kind, model, config)
+        else:
+            statistics = (None, "")
+        write_deploy_config(folder, _deploy_config(kind, model, config, checkpoint, model_path, engine,
+                                                   statistics))
+        print(f"exported the {kind} model to {folder} (oneDNN: {engine['onednn']}, ONNX: {engine['onnx']})",
+              flush=True)
+        written[kind] = folder
+    return written

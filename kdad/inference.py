@@ -1,0 +1,498 @@
+"""Paddle Inference deployment of exported KDAD models (``tools/infer.py``).
+
+* Model files: ``--model_dir`` (``model.json`` first, then legacy ``model.pdmodel``; an export root
+  holding ``score/``, ``heatmap/``, ``feature_map/`` picks ``--model_kind``, default ``score``) or
+  explicit ``--model_file`` / ``--params_file``. The ``deploy.yaml`` beside the model gives the
+  input size, threshold, blur and heatmap statistics, and which engines the model supports.
+* Predictor (notes section 3.2): CPU threads; oneDNN on or really off (``disable_mkldnn()``); a
+  model whose deploy.yaml says ``onednn: false`` (the gradient heatmap) always runs without oneDNN.
+  GPU or TensorRT asked where unavailable: a warning, then CPU. Never ``enable_memory_optim`` (it
+  breaks json models in Paddle 3.3.1).
+* Images: exactly the training preprocessing (:func:`kdad.data.io.preprocess`). Results: score,
+  OK/NG (``score > threshold``), heatmap PNGs coloured with the deploy.yaml normal statistics (not
+  per image), ``results.csv`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from kdad.data.io import IMAGE_EXTENSIONS, ImageReadError, preprocess, read_image
+from kdad.export import (
+    DEPLOY_FILENAME,
+    INPUT_NAME,
+    MODEL_KINDS,
+    input_size,
+    load_deploy_config,
+    read_program_info,
+)
+from kdad.localization import blur
+from kdad.visualize import colorize, colour_range, default_pixel_threshold, overlay, result_panel, save_rgb
+
+MODEL_CANDIDATES = (("model.json", "model.pdiparams"), ("inference.json", "inference.pdiparams"),
+                    ("model.pdmodel", "model.pdiparams"), ("inference.pdmodel", "inference.pdiparams"))
+PRECISIONS = ("fp32", "fp16", "int8")
+HEATMAP_DIR = "heatmaps"
+
+
+class InferenceError(ValueError):
+    """A deployment problem reported as one clear line (models, inputs, engines)."""
+
+
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    print(message, flush=True)
+
+
+def str2bool(value: Any) -> bool:
+    """``True/False`` (any case), ``1/0``, ``yes/no``: the TIPC flag values."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off", "none", "null"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+# --- model files -----------------------------------------------------------------------------
+
+
+def _find_model_in(folder: str) -> Optional[Tuple[str, str]]:
+    for model_name, params_name in MODEL_CANDIDATES:
+        if os.path.isfile(os.path.join(folder, model_name)):
+            return os.path.join(folder, model_name), os.path.join(folder, params_name)
+    return None
+
+
+def resolve_model_files(model_dir: Optional[str] = None, model_file: Optional[str] = None,
+                        params_file: Optional[str] = None,
+                        model_kind: Optional[str] = None) -> Tuple[str, str]:
+    """``(model_file, params_file)``, both existing, from a folder or explicit paths."""
+    if model_file:
+        if not os.path.isfile(model_file):
+            json_file = os.path.splitext(model_file)[0] + ".json"
+            if model_file.endswith(".pdmodel") and os.path.isfile(json_file):
+                info(f"note: '{model_file}' does not exist; Paddle 3.x exports '{json_file}', using it")
+                model_file = json_file
+            else:
+                raise FileNotFoundError(f"model file '{model_file}' does not exist")
+        params_file = params_file or os.path.splitext(model_file)[0] + ".pdiparams"
+    elif model_dir:
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"model folder '{model_dir}' does not exist")
+        folder = model_dir
+        if model_kind and os.path.isdir(os.path.join(model_dir, model_kind)):
+            folder = os.path.join(model_dir, model_kind)
+        elif _find_model_in(model_dir) is None and os.path.isdir(os.path.join(model_dir, "score")):
+            folder = os.path.join(model_dir, model_kind or "score")
+            info(f"note: '{model_dir}' is an export folder; using its '{model_kind or 'score'}' model")
+        found = _find_model_in(folder)
+        if found is None:
+            names = ", ".join(name for name, _ in MODEL_CANDIDATES)
+            raise FileNotFoundError(f"no model file in '{folder}' (looked for {names}); "
+                                    "export one with tools/export_model.py")
+        model_file, default_params = found
+        params_file = params_file or default_params
+    else:
+        raise InferenceError("no model given: pass --model_dir DIR or --model_file FILE [--params_file FILE]")
+    if not os.path.isfile(params_file):
+        raise FileNotFoundError(f"parameters file '{params_file}' does not exist (needed by '{model_file}')")
+    return model_file, params_file
+
+
+def check_model_against_deploy(model_file: str, deploy: Mapping[str, Any]) -> None:
+    """Raise when the program's input (name, channels, size) disagrees with its deploy.yaml."""
+    program = read_program_info(model_file)
+    if program is None or not program["inputs"]:
+        return  # legacy protobuf program: checked when it runs
+    expected = [int(v) for v in deploy["input"]["shape"]]
+    name = deploy["input"].get("name", INPUT_NAME)
+    if name not in program["inputs"]:
+        raise InferenceError(f"'{model_file}' has inputs {sorted(program['inputs'])} but its "
+                             f"{DEPLOY_FILENAME} expects '{name}': the deploy config is another model's")
+    got = program["inputs"][name]
+    if len(got) != 4 or got[1] != expected[1] or got[2:] != expected[2:]:
+        raise InferenceError(
+            f"'{model_file}' takes input {got} but its {DEPLOY_FILENAME} says {expected} "
+            f"(channels {expected[1]}, size {expected[2]}x{expected[3]}): re-export the model so that "
+            "both come from the same checkpoint")
+
+
+# --- predictors --------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictorOptions:
+    use_gpu: bool = False
+    enable_mkldnn: bool = True
+    cpu_threads: int = 2
+    use_tensorrt: bool = False
+    precision: str = "fp32"
+    batch_size: int = 1
+    gpu_mem_mb: int = 500
+    gpu_id: int = 0
+
+
+class PaddleRunner:
+    """A Paddle Inference predictor: ``run(batch [N,3,S,S]) -> [outputs...]``."""
+
+    def __init__(self, config: Any, predictor: Any, model_file: str) -> None:
+        self.config = config
+        self.predictor = predictor
+        self.model_file = model_file
+        self.input_name = predictor.get_input_names()[0]
+        self.output_names = list(predictor.get_output_names())
+
+    def run(self, batch: np.ndarray) -> List[np.ndarray]:
+        handle = self.predictor.get_input_handle(self.input_name)
+        handle.reshape(list(batch.shape))
+        handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
+        try:
+            self.predictor.run()
+        except Exception as error:  # noqa: BLE001 - Paddle raises several types; re-raised clearly
+            raise InferenceError(f"running '{self.model_file}' on input {list(batch.shape)} failed: "
+                                 f"{_last_line(error)}") from error
+        return [self.predictor.get_output_handle(name).copy_to_cpu() for name in self.output_names]
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    useful = [line for line in lines if "Error" in line or "error" in line] or lines or [type(error).__name__]
+    return useful[-1][:300]
+
+
+def create_paddle_predictor(model_file: str, params_file: str, options: PredictorOptions,
+                            deploy: Optional[Mapping[str, Any]] = None) -> PaddleRunner:
+    """Build the Config as in notes section 3.2 and create the predictor."""
+    import paddle
+    from paddle import inference
+
+    config = inference.Config(model_file, params_file)
+    use_gpu = bool(options.use_gpu)
+    if use_gpu and not paddle.device.is_compiled_with_cuda():
+        warn("--use_gpu=True but this PaddlePaddle is a CPU-only build "
+             "(paddle.device.is_compiled_with_cuda() is False): running on CPU")
+        use_gpu = False
+    elif use_gpu and paddle.device.cuda.device_count() == 0:
+        warn("--use_gpu=True but no CUDA device is visible: running on CPU")
+        use_gpu = False
+    engine = dict((deploy or {}).get("engine") or {})
+    if options.use_tensorrt and not use_gpu:
+        warn("--use_tensorrt=True needs a GPU build of Paddle with TensorRT: ignored, running on CPU")
+    if use_gpu:
+        config.enable_use_gpu(int(options.gpu_mem_mb), int(options.gpu_id))
+        if options.use_tensorrt:
+            if tuple(inference.get_trt_compile_version()) == (0, 0, 0):
+                warn("--use_tensorrt=True but this Paddle was compiled without TensorRT: ignored")
+            elif engine.get("onnx") is False:  # gradient graph: no TensorRT conversion either
+                warn("--use_tensorrt=True ignored: this model contains gradient ops")
+            else:
+                precision = {"fp16": inference.PrecisionType.Half,
+                             "int8": inference.PrecisionType.Int8}.get(options.precision,
+                                                                        inference.PrecisionType.Float32)
+                config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=int(options.batch_size),
+                                              min_subgraph_size=3, precision_mode=precision,
+                                              use_static=False, use_calib_mode=False)
+    else:
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(max(1, int(options.cpu_threads)))
+        mkldnn = bool(options.enable_mkldnn)
+        if mkldnn and engine.get("onednn") is False:
+            info(f"oneDNN disabled for this {deploy.get('kind', '')} model although --enable_mkldnn=True: "
+                 f"{engine.get('note', 'its deploy.yaml says onednn: false')}")
+            mkldnn = False
+        if mkldnn:
+            config.enable_mkldnn()
+            config.set_mkldnn_cache_capacity(10)
+        else:
+            config.disable_mkldnn()
+        if options.precision != "fp32":
+            warn(f"--precision={options.precision} is not supported on CPU for this model: running fp32")
+    config.switch_ir_optim(True)
+    config.switch_use_feed_fetch_ops(False)
+    config.disable_glog_info()
+    try:
+        predictor = inference.create_predictor(config)
+    except Exception as error:  # noqa: BLE001 - re-raised with the model name
+        raise InferenceError(f"cannot create a Paddle Inference predictor for '{model_file}': "
+                             f"{_last_line(error)}") from error
+    return PaddleRunner(config, predictor, model_file)
+
+
+def load_paddle_model(model_dir: Optional[str], model_file: Optional[str], params_file: Optional[str],
+                      options: PredictorOptions, model_kind: Optional[str] = None
+                      ) -> Tuple[PaddleRunner, Dict[str, Any]]:
+    """Resolve files, read and check the deploy.yaml, create the predictor."""
+    model_file, params_file = resolve_model_files(model_dir, model_file, params_file, model_kind)
+    deploy = load_deploy_config(os.path.dirname(os.path.abspath(model_file)))
+    if model_kind and deploy["kind"] != model_kind:
+        raise InferenceError(f"--model_kind {model_kind} asked, but '{model_file}' is a "
+                             f"{deploy['kind']} model")
+    check_model_against_deploy(model_file, deploy)
+    runner = create_paddle_predictor(model_file, params_file, options, deploy)
+    expected_outputs = len(deploy.get("outputs") or [])
+    if expected_outputs and len(runner.output_names) != expected_outputs:
+        raise InferenceError(f"'{model_file}' has {len(runner.output_names)} outputs but its "
+                             f"{DEPLOY_FILENAME} describes {expected_outputs}: re-export the model")
+    return runner, deploy
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def list_images(path: str) -> List[str]:
+    """One image file, or every image (by extension) under a folder, recursively and sorted."""
+    if not path:
+        raise InferenceError("no input given: pass --input_file IMAGE_OR_FOLDER")
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"input '{path}' does not exist")
+    found = []
+    for folder, subfolders, files in os.walk(path):
+        subfolders.sort()
+        found += [os.path.join(folder, name) for name in sorted(files)
+                  if name.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise InferenceError(f"no images found in '{path}' (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def iter_batches(paths: Sequence[str], size: int, batch_size: int, skipped: List[Dict[str, str]]
+                 ) -> Iterator[Tuple[List[str], List[np.ndarray], np.ndarray]]:
+    """``(paths, original RGB images, preprocessed batch)``; unreadable files go to ``skipped``."""
+    names: List[str] = []
+    originals: List[np.ndarray] = []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except ImageReadError as error:
+            warn(f"skipped: {error}")
+            skipped.append({"image": path, "error": str(error)})
+            continue
+        names.append(path)
+        originals.append(image)
+        if len(names) == batch_size:
+            yield names, originals, np.stack([preprocess(im, size) for im in originals])
+            names, originals = [], []
+    if names:
+        yield names, originals, np.stack([preprocess(im, size) for im in originals])
+
+
+# --- heatmaps ----------------------------------------------------------------------------------
+
+
+def heatmap_image(image: np.ndarray, heatmap: np.ndarray, score: float, threshold: Optional[float],
+                  statistics: Optional[Mapping[str, float]], name: str = "") -> np.ndarray:
+    """The PNG of one image (RGB), coloured as :mod:`kdad.visualize` does for the dynamic predictor:
+    a fixed colour range from the deploy.yaml normal statistics (``p50`` dark blue, ``p999``
+    mid-scale), the same for every image, so normal images stay cool. With a threshold: the panel
+    ``original | heatmap | overlay`` with the outline of pixels over ``p999`` and the OK/NG caption.
+    Without statistics (no calibration) the range is the image's own min..max (caller warns)."""
+    if statistics:
+        low, high = colour_range(statistics)
+    else:
+        low, high = float(heatmap.min()), float(heatmap.max())
+        high = high if high > low else low + 1e-12
+    if threshold is None or not statistics:
+        size = heatmap.shape[0]
+        shown = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        return np.concatenate([shown, overlay(shown, colorize(heatmap, low, high))], axis=1)
+    return result_panel(image, heatmap, score, float(threshold), low, high,
+                        default_pixel_threshold(statistics), name=name)
+
+
+def output_name(path: str, root: str) -> str:
+    """A flat, unique file stem for ``path`` (its path under the input folder, '/' -> '_')."""
+    relative = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
+    return os.path.splitext(relative)[0].replace(os.sep, "_").replace("/", "_")
+
+
+# --- the batch loop ----------------------------------------------------------------------------
+
+
+Runner = Callable[[np.ndarray], List[np.ndarray]]
+
+
+def predict_folder(run: Runner, deploy: Mapping[str, Any], input_path: str, batch_size: int = 1,
+                   threshold: Optional[float] = None, save_dir: Optional[str] = None,
+                   write_heatmaps: bool = True, times: Any = None) -> Dict[str, Any]:
+    """Score every image of ``input_path``; write results (and heatmaps) to ``save_dir``."""
+    if batch_size < 1:
+        raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
+    paths = list_images(input_path)
+    size = input_size(deploy)
+    post = deploy.get("postprocess") or {}
+    kind = deploy["kind"]
+    if threshold is None:
+        threshold = post.get("threshold")
+        if threshold is None:
+            warn("no threshold in the deploy.yaml and no --threshold: OK/NG labels are left empty")
+    statistics = post.get("heatmap_statistics")
+    has_maps = kind in ("heatmap", "feature_map")
+    if has_maps and not statistics:
+        warn("the deploy.yaml has no normal heatmap statistics: heatmaps are scaled per image "
+             "(not comparable between images)")
+    sigma = float(post.get("blur_sigma") or 0.0)
+    results: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    batches = iter_batches(paths, size, batch_size, skipped)
+    while True:
+        if times is not None:
+            times.start()
+        try:
+            names, originals, batch = next(batches)
+        except StopIteration:
+            break
+        if times is not None:
+            times.stamp()
+        outputs = run(batch)
+        if times is not None:
+            times.stamp()
+        scores = np.asarray(outputs[0], dtype=np.float64).reshape(-1)
+        if scores.shape[0] != len(names):
+            raise InferenceError(f"the model returned {scores.shape[0]} scores for {len(names)} images")
+        maps = blur(np.asarray(outputs[1]), sigma) if has_maps and len(outputs) > 1 else None
+        for i, path in enumerate(names):
+            score = float(scores[i])
+            label = "" if threshold is None else ("NG" if score > float(threshold) else "OK")
+            row: Dict[str, Any] = {"image": path, "score": score, "label": label}
+            if maps is not None:
+                row["heatmap_max"] = float(maps[i].max())
+                if save_dir and write_heatmaps:
+                    heat_path = os.path.join(save_dir, HEATMAP_DIR, output_name(path, input_path) + ".png")
+                    os.makedirs(os.path.dirname(heat_path), exist_ok=True)
+                    shown_name = os.path.relpath(path, input_path) if os.path.isdir(input_path) else path
+                    save_rgb(heat_path, heatmap_image(originals[i], maps[i], score, threshold, statistics,
+                                                      os.path.basename(shown_name) if len(shown_name) > 40
+                                                      else shown_name))
+                    row["heatmap"] = heat_path
+            results.append(row)
+            info(f"{path}: score {score:.6f}{' ' + label if label else ''}")
+        if times is not None:
+            times.end(stamp=True)
+    if not results:
+        raise InferenceError(f"none of the {len(paths)} images in '{input_path}' could be read")
+    summary = {"images_found": len(paths), "images_scored": len(results), "skipped": len(skipped),
+               "ng": sum(r["label"] == "NG" for r in results), "ok": sum(r["label"] == "OK" for r in results),
+               "threshold": None if threshold is None else float(threshold), "model_kind": kind,
+               "skipped_files": skipped}
+    if save_dir:
+        write_results(save_dir, results, summary)
+    return {"results": results, "summary": summary}
+
+
+def write_results(save_dir: str, results: List[Dict[str, Any]], summary: Mapping[str, Any]) -> None:
+    os.makedirs(save_dir, exist_ok=True)
+    columns = ["image", "score", "label", "heatmap_max", "heatmap"]
+    with open(os.path.join(save_dir, "results.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in results:
+            writer.writerow({key: row.get(key, "") for key in columns})
+    with open(os.path.join(save_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"summary": dict(summary), "results": results}, handle, indent=2)
+
+
+def print_summary(summary: Mapping[str, Any], save_dir: Optional[str]) -> None:
+    info(f"scored {summary['images_scored']} of {summary['images_found']} images "
+         f"({summary['skipped']} unreadable, skipped); NG {summary['ng']}, OK {summary['ok']} "
+         f"(threshold {summary['threshold']})")
+    if save_dir:
+        info(f"results: {os.path.join(save_dir, 'results.csv')} and results.json")
+
+
+# --- benchmark ---------------------------------------------------------------------------------
+
+
+def make_autologger(config: Any, batch_size: int, precision: str, size: int) -> Any:
+    """``auto_log.AutoLogger`` when installed, else the compatible :mod:`kdad.utils.autolog`."""
+    try:
+        from auto_log import AutoLogger
+    except ImportError:
+        from kdad.utils.autolog import AutoLogger
+    return AutoLogger(model_name="KDAD", model_precision=precision, batch_size=batch_size,
+                      data_shape=f"[3, {size}, {size}]", save_path=None, inference_config=config,
+                      pids=os.getpid(), process_name=None, gpu_ids=None,
+                      time_keys=["preprocess_time", "inference_time", "postprocess_time"], warmup=0)
+
+
+def report_benchmark(autolog: Any) -> None:
+    """Print the report; upstream AutoLog calls ``sys.exit(0)`` in ``report()``: carry on instead."""
+    try:
+        autolog.report()
+    except SystemExit:
+        pass
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="KDAD Paddle Inference: scores, OK/NG and heatmaps.")
+    parser.add_argument("--model_dir", default=None,
+                        help="folder with model.json (or legacy model.pdmodel) and deploy.yaml, "
+                             "or the export folder holding score/ heatmap/ feature_map/")
+    parser.add_argument("--model_kind", default=None, choices=MODEL_KINDS,
+                        help="with an export folder as --model_dir: which model (default score)")
+    parser.add_argument("--model_file", default=None, help="model.json (or .pdmodel)")
+    parser.add_argument("--params_file", default=None, help="model.pdiparams (default: beside model_file)")
+    parser.add_argument("--input_file", default=None, help="an image or a folder of images (recursive)")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--use_gpu", type=str2bool, default=False)
+    parser.add_argument("--use_tensorrt", type=str2bool, default=False)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--enable_mkldnn", type=str2bool, default=True,
+                        help="oneDNN on CPU (forced off for models whose deploy.yaml says onednn: false)")
+    parser.add_argument("--cpu_threads", type=int, default=2)
+    parser.add_argument("--enable_benchmark", "--benchmark", dest="enable_benchmark", type=str2bool,
+                        default=False, help="print an auto_log benchmark report")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="NG iff score > threshold (default: the deploy.yaml calibration threshold)")
+    parser.add_argument("--save_dir", default="output/inference", help="results.csv/json and heatmaps/")
+    parser.add_argument("--save_heatmaps", type=str2bool, default=True)
+    return parser
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Everything ``tools/infer.py`` does, for parsed ``args``; returns results and the runner."""
+    options = PredictorOptions(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn,
+                               cpu_threads=args.cpu_threads, use_tensorrt=args.use_tensorrt,
+                               precision=args.precision, batch_size=args.batch_size)
+    list_images(args.input_file)  # fail on a bad input before the (slow) predictor creation
+    runner, deploy = load_paddle_model(args.model_dir, args.model_file, args.params_file, options,
+                                       args.model_kind)
+    info(f"model {runner.model_file} ({deploy['kind']}), oneDNN {runner.config.mkldnn_enabled()}, "
+         f"{runner.config.cpu_math_library_num_threads()} CPU threads, batch size {args.batch_size}")
+    autolog = None
+    if args.enable_benchmark:
+        size = input_size(deploy)
+        runner.run(np.zeros((args.batch_size, 3, size, size), dtype=np.float32))  # warm-up, not timed
+        autolog = make_autologger(runner.config, args.batch_size, args.precision, size)
+    output = predict_folder(runner.run, deploy, args.input_file, args.batch_size, args.threshold,
+                            args.save_dir, args.save_heatmaps, autolog.times if autolog else None)
+    if autolog is not None:
+        report_benchmark(autolog)
+    print_summary(output["summary"], args.save_dir)
+    output["runner"] = runner
+    output["deploy"] = deploy
+    return output
+
+
+def main(argv: List[str]) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
