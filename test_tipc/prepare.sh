@@ -1,0 +1,137 @@
+#!/bin/bash
+# Prepares data and weights for one TIPC mode of KDAD. Downloads nothing.
+#
+#   bash test_tipc/prepare.sh test_tipc/configs/KDAD/train_infer_python.txt MODE
+#
+# lite_train_lite_infer   generates a tiny MVTec-style class: test_tipc/data/mini_mvtec/tipc_texture
+# lite_train_whole_infer  the same, plus a larger generated test set: test_tipc/data/mini_mvtec_whole
+# whole_infer             checks MVTec AD capsule, weights/vgg16.pdparams and a trained checkpoint
+# whole_train_whole_infer checks MVTec AD capsule and weights/vgg16.pdparams
+# paddle2onnx_infer       generates the tiny class, trains 2 epochs and exports an inference model
+#                         into test_tipc/data/KDAD_lite_infer (the stand-in for a downloaded *_infer.tar)
+#
+# MVTec AD is looked for in test_tipc/data/MVTec (<class>/train/good, test/, ground_truth/). If the
+# environment variable KDAD_MVTEC_ROOT names another folder holding the MVTec classes, a symlink
+# test_tipc/data/MVTec -> $KDAD_MVTEC_ROOT is made. Exits non-zero with a message when something the
+# mode needs is missing. Run from the repository root.
+
+source test_tipc/common_func.sh
+
+FILENAME=$1
+MODE=$2
+if [ -z "${FILENAME}" ] || [ -z "${MODE}" ]; then
+    echo "usage: bash test_tipc/prepare.sh PARAMS_FILE MODE" >&2
+    exit 2
+fi
+if [ ! -f "${FILENAME}" ]; then
+    echo "error: params file '${FILENAME}' does not exist (run from the repository root)" >&2
+    exit 2
+fi
+
+dataline=$(cat "${FILENAME}")
+IFS=$'\n'
+lines=(${dataline})
+unset IFS
+model_name=$(func_parser_value "${lines[1]}")
+python=$(func_parser_value "${lines[2]}")
+if [ "${model_name}" != "KDAD" ]; then
+    echo "error: prepare.sh knows the model KDAD only, '${FILENAME}' names '${model_name}'" >&2
+    exit 2
+fi
+
+DATA_DIR=./test_tipc/data
+LITE_CLASS=tipc_texture
+LITE_SIZE=64
+MVTEC_DIR=${DATA_DIR}/MVTec
+MVTEC_CLASS=capsule
+VGG16_WEIGHTS=weights/vgg16.pdparams
+WHOLE_INFER_MODEL=${DATA_DIR}/KDAD_capsule_train/model_final.pdparams
+LITE_INFER_DIR=${DATA_DIR}/KDAD_lite_infer
+
+function fail() {
+    echo "prepare.sh (${MODE}): $*" >&2
+    exit 1
+}
+
+function generate() {
+    # $1: dataset root; $2 n_train; $3 n_test_good; $4 n_test_defect (per defect type)
+    rm -rf "${1:?}/${LITE_CLASS}"
+    ${python} -m kdad.data.synthetic --root "$1" --category ${LITE_CLASS} --kind texture \
+        --size ${LITE_SIZE} --n_train "$2" --n_test_good "$3" --n_test_defect "$4" --seed 0 \
+        || fail "generating ${1}/${LITE_CLASS} failed"
+    local n
+    n=$(find "$1/${LITE_CLASS}" -name '*.png' | wc -l)
+    echo "prepare.sh: generated $1/${LITE_CLASS} (${n} png files, ${LITE_SIZE} px)"
+}
+
+function check_mvtec() {
+    if [ ! -e "${MVTEC_DIR}" ] && [ -n "${KDAD_MVTEC_ROOT:-}" ]; then
+        [ -d "${KDAD_MVTEC_ROOT}" ] || fail "KDAD_MVTEC_ROOT='${KDAD_MVTEC_ROOT}' is not a folder"
+        mkdir -p "${DATA_DIR}"
+        ln -s "$(cd "${KDAD_MVTEC_ROOT}" && pwd)" "${MVTEC_DIR}" || fail "cannot link ${MVTEC_DIR}"
+        echo "prepare.sh: linked ${MVTEC_DIR} -> ${KDAD_MVTEC_ROOT}"
+    fi
+    local class_dir=${MVTEC_DIR}/${MVTEC_CLASS}
+    if [ ! -d "${class_dir}/train/good" ] || [ ! -d "${class_dir}/test" ] || [ ! -d "${class_dir}/ground_truth" ]; then
+        fail "MVTec AD is missing: ${MODE} needs the '${MVTEC_CLASS}' class in ${class_dir} \
+(train/good, test/<type>, ground_truth/<type>). It cannot be downloaded here: get MVTec AD \
+(https://www.mvtec.com/company/research/datasets/mvtec-ad, licence CC BY-NC-SA 4.0), unpack it and \
+either put it at ${MVTEC_DIR} or set KDAD_MVTEC_ROOT=/path/to/mvtec_anomaly_detection."
+    fi
+    echo "prepare.sh: found ${class_dir}"
+}
+
+function check_vgg16() {
+    if [ ! -f "${VGG16_WEIGHTS}" ]; then
+        fail "${VGG16_WEIGHTS} is missing: the whole modes train/export the paper's model with the \
+ImageNet VGG16 expert. Convert torchvision's checkpoint once (it cannot be downloaded here): \
+python tools/convert_vgg16.py vgg16-397923af.pth ${VGG16_WEIGHTS}"
+    fi
+    echo "prepare.sh: found ${VGG16_WEIGHTS}"
+}
+
+case ${MODE} in
+    lite_train_lite_infer)
+        generate ${DATA_DIR}/mini_mvtec 16 4 2
+        ;;
+    lite_train_whole_infer)
+        generate ${DATA_DIR}/mini_mvtec 16 4 2
+        generate ${DATA_DIR}/mini_mvtec_whole 16 24 12
+        ;;
+    whole_train_whole_infer)
+        check_mvtec
+        check_vgg16
+        ;;
+    whole_infer)
+        check_mvtec
+        check_vgg16
+        if [ ! -f "${WHOLE_INFER_MODEL}" ]; then
+            fail "${WHOLE_INFER_MODEL} is missing: whole_infer exports and runs a KDAD checkpoint trained \
+on MVTec capsule (none is published). Train one (whole_train_whole_infer, or tools/train.py with \
+configs/config.yaml) and copy <save_dir>/capsule/model_final.pdparams there."
+        fi
+        echo "prepare.sh: found ${WHOLE_INFER_MODEL}"
+        ;;
+    paddle2onnx_infer)
+        generate ${DATA_DIR}/mini_mvtec 16 4 2
+        rm -rf "${LITE_INFER_DIR}"
+        train_dir=${LITE_INFER_DIR}_train
+        rm -rf "${train_dir}"
+        ${python} tools/train.py --config test_tipc/configs/KDAD/kdad_lite.yaml \
+            --dataset_root ${DATA_DIR}/mini_mvtec --normal_class ${LITE_CLASS} --save_dir "${train_dir}" \
+            -o num_epochs=2 -o log_dir="${train_dir}" > "${train_dir}.log" 2>&1 \
+            || { tail -n 30 "${train_dir}.log"; fail "training the lite model failed (${train_dir}.log)"; }
+        ${python} tools/export_model.py --config test_tipc/configs/KDAD/kdad_lite.yaml \
+            --model_path "${train_dir}/${LITE_CLASS}/model_final.pdparams" --save_dir "${LITE_INFER_DIR}" \
+            > "${LITE_INFER_DIR}_export.log" 2>&1 \
+            || { tail -n 30 "${LITE_INFER_DIR}_export.log"; fail "exporting the lite model failed"; }
+        [ -f "${LITE_INFER_DIR}/score/model.json" ] || fail "no ${LITE_INFER_DIR}/score/model.json after export"
+        echo "prepare.sh: exported ${LITE_INFER_DIR}/{score,heatmap}"
+        ;;
+    *)
+        echo "error: unknown MODE '${MODE}' (lite_train_lite_infer, lite_train_whole_infer, whole_infer, \
+whole_train_whole_infer, paddle2onnx_infer)" >&2
+        exit 2
+        ;;
+esac
+echo "prepare.sh: ${MODE} ready"
