@@ -111,6 +111,10 @@ def evaluate_average(folder: str, config: Mapping[str, Any], from_epoch: int) ->
     last = dict(results[-1])
     last["metrics"] = averaged
     last["averaged_epochs"] = [e for e, _ in checkpoints]
+    last["per_checkpoint"] = [{"epoch": e, "metrics": r["metrics"]}
+                              for (e, _), r in zip(checkpoints, results)]
+    # per-image scores differ per checkpoint: the averaged result carries none
+    last["scores"], last["labels"], last["files"] = [], [], []
     return last
 
 

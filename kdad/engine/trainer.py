@@ -74,7 +74,14 @@ def calibrate(model: KDADModel, holdout_images: np.ndarray, config: Mapping[str,
 def train(config: Dict[str, Any], return_model: bool = False):
     """Train the cloner of ``config``; returns the final checkpoint path (rank 0) or None.
 
-    With ``return_model`` returns ``(path_or_None, model)`` (every rank; used by tests)."""
+    With ``return_model`` returns ``(path_or_None, model)`` (every rank; used by tests).
+    Parameter names (which key the optimizer state) are generated afresh, so resuming works in a
+    process that has built other layers before."""
+    with paddle.utils.unique_name.guard():
+        return _train(config, return_model)
+
+
+def _train(config: Dict[str, Any], return_model: bool):
     rank, world_size = _world()
     seed_everything(int(config["seed"]))
     out_dir = class_dir(config)
