@@ -26,7 +26,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import paddle
-import paddle.nn.functional as F
+
+from kdad.losses import cosine_mse_distance
 
 
 def upsample_blocks(maps: paddle.Tensor, size: int) -> paddle.Tensor:
@@ -45,10 +46,7 @@ def upsample_blocks(maps: paddle.Tensor, size: int) -> paddle.Tensor:
 def tap_distance_map(cloner: paddle.Tensor, expert: paddle.Tensor, lamda: float,
                      direction_only: bool = False) -> paddle.Tensor:
     """``(1 - cos) + lamda * MSE`` over channels at each position: ``[N, C, h, w] -> [N, h, w]``."""
-    term = 1.0 - F.cosine_similarity(cloner, expert, axis=1)
-    if not direction_only:
-        term = term + lamda * paddle.mean(paddle.square(cloner - expert), axis=1)
-    return term
+    return cosine_mse_distance(cloner, expert, lamda, direction_only)
 
 
 def feature_distance_map(

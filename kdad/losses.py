@@ -12,6 +12,16 @@ import paddle
 import paddle.nn.functional as F
 
 
+def cosine_mse_distance(
+    cloner: paddle.Tensor, expert: paddle.Tensor, lamda: float, direction_only: bool = False
+) -> paddle.Tensor:
+    """``(1 - cos) + lamda * MSE`` along axis 1 (the vectors compared); the KDAD term itself."""
+    term = 1.0 - F.cosine_similarity(cloner, expert, axis=1)
+    if not direction_only:
+        term = term + lamda * paddle.mean(paddle.square(cloner - expert), axis=1)
+    return term
+
+
 def per_image_distance(
     cloner_feats: Sequence[paddle.Tensor],
     expert_feats: Sequence[paddle.Tensor],
@@ -27,11 +37,8 @@ def per_image_distance(
     """
     total = None
     for tap in taps:
-        cloner = paddle.flatten(cloner_feats[tap], start_axis=1)
-        expert = paddle.flatten(expert_feats[tap], start_axis=1)
-        term = 1.0 - F.cosine_similarity(cloner, expert, axis=1)
-        if not direction_only:
-            term = term + lamda * paddle.mean(paddle.square(cloner - expert), axis=1)
+        term = cosine_mse_distance(paddle.flatten(cloner_feats[tap], start_axis=1),
+                                   paddle.flatten(expert_feats[tap], start_axis=1), lamda, direction_only)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("taps must name at least one feature level")
