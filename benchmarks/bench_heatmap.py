@@ -6,7 +6,7 @@ Engines:
 * ``dygraph``: :func:`kdad.localization.localization_maps` (``paddle.grad`` in the dynamic graph);
 * ``exported heatmap, PI native``: ``kdad.export``'s ``heatmap/`` model (``paddle.grad`` in the
   static graph); Paddle Inference with oneDNN off, the only way it runs in Paddle 3.3.1;
-* ``explicit-grad, ...``: :mod:`benchmarks.fast_heatmap`, the same gradient as a forward-only graph,
+* ``explicit-grad, ...``: :mod:`kdad.explicit_gradient`, the same gradient as a forward-only graph,
   in Paddle Inference with oneDNN (two max-pool backward forms: ``unpool``, ``mask``), without
   oneDNN, and in onnxruntime when paddle2onnx converts it;
 * ``feature map``: ``kdad.export``'s forward-only ``feature_map/`` model (a different map).
@@ -92,7 +92,7 @@ def smooth_grad_with(runner: Callable, images: np.ndarray, samples: int, sigma_m
 def run(args, checkpoint: str) -> Dict[str, Any]:
     import paddle
 
-    from benchmarks.fast_heatmap import export_explicit_heatmap
+    from kdad.explicit_gradient import export_explicit_heatmap
     from kdad.feature_maps import feature_distance_map
     from kdad.localization import localization_maps
     from kdad.utils.checkpoint import load_model
@@ -115,8 +115,8 @@ def run(args, checkpoint: str) -> Dict[str, Any]:
             export_explicit_heatmap(frozen, target, size, guided=guided, pool_grad=pool)
             engines.write_deploy_like(os.path.join(folder, "heatmap"), target,
                                       {"onednn": True, "onnx": True, "note": "forward ops only (hand-written "
-                                       "backward, benchmarks/fast_heatmap.py)" + ("; guided backprop" if guided else "")},
-                                      note=f"benchmarks.fast_heatmap ({variant})")
+                                       "backward, kdad/explicit_gradient.py)" + ("; guided backprop" if guided else "")},
+                                      note=f"kdad.explicit_gradient ({variant})")
         fast_files[variant] = os.path.join(target, "model.json")
 
     grad_engines: Dict[str, Callable] = {}  # name -> runner returning [scores, sum_c|g|]

@@ -53,6 +53,7 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "smoothgrad_samples": (int, 50, "SmoothGrad: noisy copies per image"),
     "smoothgrad_sigma": (float, 0.05, "SmoothGrad: noise level multiplier (original code: 0.05)"),
     "num_workers": (int, 0, "DataLoader worker processes"),
+    "cpu_threads": (int, 0, "CPU math threads of training and evaluation (0: all cores / processes)"),
     "progress_bar": (bool, True, "show a tqdm progress bar"),
     "average_from_epoch": (int, 0, "checkpoint averaging: first epoch counted (after convergence)"),
 }

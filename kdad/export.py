@@ -5,12 +5,16 @@ One checkpoint gives up to three static graphs (``paddle.jit.save``: ``model.jso
 
 * ``score/``: expert + cloner + :meth:`KDADModel.score`; output ``scores [N]``. Forward only: runs
   with oneDNN on or off and converts to ONNX.
-* ``heatmap/``: outputs ``(scores [N], sum_c |d sum(scores) / d x| [N, S, S])``, the input gradient
-  taken inside the graph with ``paddle.grad``. The gradient of the *sum* of per-image scores makes
-  each image's map independent of the batch. It contains backward ops, so it runs in Paddle
-  Inference with oneDNN off only and does not convert to ONNX (Paddle 3.3.1, paddle2onnx 2.1.0).
-  The Gaussian blur stays outside the graph (:func:`kdad.localization.blur`), so the deployed map
-  equals :func:`kdad.localization.raw_maps_from_gradients` of the dynamic model.
+* ``heatmap/``: outputs ``(scores [N], sum_c |d sum(scores) / d x| [N, S, S])``. The gradient of
+  the *sum* of per-image scores makes each image's map independent of the batch. By default
+  (``heatmap_backward="explicit"``) the backward pass is written out with forward ops
+  (:mod:`kdad.explicit_gradient`), so the graph converts to ONNX (onnxruntime runs it about twice
+  as fast as Paddle Inference); the export checks it against ``paddle.grad`` in the dynamic graph.
+  Paddle Inference runs it with oneDNN off (oneDNN gives wrong maps for it in Paddle 3.3.1).
+  ``heatmap_backward="autograd"`` takes the gradient inside the graph with ``paddle.grad``
+  instead: that graph holds backward ops, so it does not convert to ONNX (paddle2onnx 2.1.0).
+  The Gaussian blur stays outside the graph (:func:`kdad.localization.blur`), so the deployed
+  map equals :func:`kdad.localization.raw_maps_from_gradients` of the dynamic model.
 * ``feature_map/``: outputs ``(scores [N], feature distance map [N, S, S])``, the forward-only
   map of :mod:`kdad.feature_maps`; also blurred outside the graph.
 
@@ -31,13 +35,15 @@ import paddle.nn as nn
 import yaml
 
 import kdad
+from kdad.explicit_gradient import ExplicitGradientGraph
 from kdad.feature_maps import feature_distance_map
-from kdad.localization import blur, input_gradients, raw_maps_from_gradients
+from kdad.localization import blur, channel_abs_sum, input_gradients, raw_maps_from_gradients
 from kdad.losses import per_image_distance
 from kdad.models.kdad_model import KDADModel
 from kdad.utils.checkpoint import NETWORK_KEYS, load_model
 
 MODEL_KINDS = ("score", "heatmap", "feature_map")
+HEATMAP_BACKWARDS = ("explicit", "autograd")
 MODEL_PREFIX = "model"
 MODEL_FILENAME = MODEL_PREFIX + ".json"
 PARAMS_FILENAME = MODEL_PREFIX + ".pdiparams"
@@ -65,8 +71,8 @@ class ScoreGraph(nn.Layer):
         return self.model.score(x)
 
 
-class HeatmapGraph(nn.Layer):
-    """``x -> (scores [N], sum_c |d sum(scores) / d x| [N, S, S])``."""
+class AutogradHeatmapGraph(nn.Layer):
+    """``x -> (scores [N], sum_c |d sum(scores) / d x| [N, S, S])`` with ``paddle.grad`` in the graph."""
 
     def __init__(self, model: KDADModel) -> None:
         super().__init__()
@@ -199,12 +205,36 @@ def input_size(deploy: Mapping[str, Any]) -> int:
 # --- export ----------------------------------------------------------------------------------
 
 
-def _graph(kind: str, model: KDADModel, size: int) -> nn.Layer:
+def _graph(kind: str, model: KDADModel, size: int, heatmap_backward: str = "explicit") -> nn.Layer:
     if kind == "score":
         return ScoreGraph(model)
     if kind == "heatmap":
-        return HeatmapGraph(model)
+        return ExplicitGradientGraph(model) if heatmap_backward == "explicit" else AutogradHeatmapGraph(model)
     return FeatureMapGraph(model, size)
+
+
+def compare_outputs(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> Optional[str]:
+    """None when every output of ``got`` is within 1e-3 of the maximum of ``want``, else why not."""
+    if len(got) != len(want):
+        return f"{len(got)} outputs instead of {len(want)}"
+    for index, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            return f"output {index} has shape {list(g.shape)} instead of {list(w.shape)}"
+        error = float(np.abs(g - w).max()) / max(float(np.abs(w).max()), 1e-12)
+        if error > 1e-3:
+            return f"output {index} differs by {error:.2g} of its maximum (tolerance 1e-3)"
+    return None
+
+
+HEATMAP_ONEDNN_NOTE = (
+    "forward ops only (hand-written backward, kdad.explicit_gradient): converts to ONNX; oneDNN "
+    "off because Paddle 3.3.1 with oneDNN gives wrong gradient maps for this program (layout "
+    "problems, e.g. zero gradients after a max-pool with a 1x1 output)")
+
+
+def _autograd_reference(model: KDADModel, probe: np.ndarray) -> List[np.ndarray]:
+    scores, grads = input_gradients(model, paddle.to_tensor(probe))
+    return [scores, channel_abs_sum(grads)]
 
 
 def held_out_map_statistics(kind: str, model: KDADModel, config: Mapping[str, Any]
@@ -291,10 +321,9 @@ def probe_onednn(model_file: str, params_file: str, probe: np.ndarray,
         outputs = runner.run(probe)
     except Exception as error:  # noqa: BLE001 - any failure means "does not work with oneDNN"
         return False, f"failed with oneDNN: {str(error).strip().splitlines()[-1][:200]}"
-    for got, want in zip(outputs, expected):
-        scale = max(float(np.abs(want).max()), 1e-12)
-        if got.shape != want.shape or float(np.abs(got - want).max()) > 1e-3 * scale:
-            return False, "oneDNN output differs from the dynamic graph by more than 1e-3 (relative)"
+    problem = compare_outputs(outputs, expected)
+    if problem:
+        return False, f"oneDNN output differs from the dynamic graph: {problem}"
     return True, "checked at export: oneDNN output matches the dynamic graph"
 
 
@@ -302,9 +331,45 @@ def _warn(message: str) -> None:
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
+def _checked_graph(kind: str, model: KDADModel, size: int, heatmap_backward: Optional[str],
+                   probe: Optional[np.ndarray]) -> Tuple[nn.Layer, Optional[List[np.ndarray]]]:
+    """The graph of ``kind`` in eval mode and its dynamic-graph outputs on ``probe`` (the reference
+    the saved model is checked against). An explicit-backward heatmap graph must equal ``paddle.grad``
+    on the probe (max difference 1e-3 of the map's maximum); otherwise, or when the networks have a
+    layer without a hand-written backward, the autograd graph is exported instead, with a warning."""
+    if kind == "heatmap" and heatmap_backward == "explicit":
+        try:
+            graph = _graph(kind, model, size, "explicit")
+        except (TypeError, ValueError) as error:
+            _warn(f"heatmap: no hand-written backward ({error}); exporting the paddle.grad graph "
+                  "(Paddle Inference with oneDNN off only, no ONNX)")
+            return _checked_graph(kind, model, size, "autograd", probe)
+        graph.eval()
+        if probe is None:
+            return graph, None
+        reference = _autograd_reference(model, probe)
+        with paddle.no_grad():
+            outputs = [t.numpy() for t in graph(paddle.to_tensor(probe))]
+        errors = [float(np.abs(o - r).max()) / max(float(np.abs(r).max()), 1e-12)
+                  for o, r in zip(outputs, reference)]
+        if max(errors) > 1e-3:
+            _warn(f"heatmap: the hand-written backward differs from paddle.grad by {max(errors):.2g} "
+                  "(relative); exporting the paddle.grad graph (oneDNN off only, no ONNX)")
+            return _checked_graph(kind, model, size, "autograd", probe)
+        return graph, reference
+    graph = _graph(kind, model, size, heatmap_backward or "explicit")
+    graph.eval()
+    if probe is None or kind == "heatmap":  # the autograd graph is checked in Paddle Inference by tests
+        return graph, None
+    with paddle.no_grad():  # dygraph reference, before to_static converts forward
+        out = graph(paddle.to_tensor(probe))
+    return graph, [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
+
+
 def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str, Any]] = None,
                  kinds: Sequence[str] = MODEL_KINDS, probe: bool = True,
-                 expected_config: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
+                 expected_config: Optional[Mapping[str, Any]] = None,
+                 heatmap_backward: str = "explicit") -> Dict[str, str]:
     """Export ``kinds`` of checkpoint ``model_path`` to ``<save_dir>/<kind>/``; returns kind -> folder.
 
     The networks, input size and everything else come from the checkpoint's config; ``overrides``
@@ -315,6 +380,8 @@ def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str
     unknown = [kind for kind in kinds if kind not in MODEL_KINDS]
     if unknown:
         raise ValueError(f"unknown model kind(s) {unknown}; choose from {MODEL_KINDS}")
+    if heatmap_backward not in HEATMAP_BACKWARDS:
+        raise ValueError(f"unknown heatmap_backward {heatmap_backward!r}; choose from {HEATMAP_BACKWARDS}")
     model, checkpoint, config = load_model(model_path, overrides)
     requested = {**dict(expected_config or {}), **dict(overrides or {})}
     for key in NETWORK_KEYS:
@@ -331,19 +398,18 @@ def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str
     for kind in kinds:
         folder = os.path.join(save_dir, kind)
         os.makedirs(folder, exist_ok=True)
-        graph = _graph(kind, model, size)
-        graph.eval()
-        expected = None
-        if probe and kind != "heatmap":  # dygraph reference, before to_static converts forward
-            with paddle.no_grad():
-                out = graph(paddle.to_tensor(probe_input))
-            expected = [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
+        backward = heatmap_backward if kind == "heatmap" else None
+        graph, expected = _checked_graph(kind, model, size, backward, probe_input if probe else None)
+        if isinstance(graph, AutogradHeatmapGraph):
+            backward, expected = "autograd", None
         static = paddle.jit.to_static(graph, input_spec=spec, full_graph=True)
         paddle.jit.save(static, os.path.join(folder, MODEL_PREFIX))
         model_file = os.path.join(folder, MODEL_FILENAME)
         info = read_program_info(model_file) or {"ops": set()}
         engine = engine_support(info["ops"])
-        if expected is not None and engine["onednn"]:
+        if backward == "explicit":
+            engine["onednn"], engine["note"] = False, HEATMAP_ONEDNN_NOTE
+        elif expected is not None and engine["onednn"]:
             engine["onednn"], engine["onednn_check"] = probe_onednn(
                 model_file, os.path.join(folder, PARAMS_FILENAME), probe_input, expected)
         same_blur = float(checkpoint["config"].get("blur_sigma", -1)) == float(config["blur_sigma"])
@@ -354,8 +420,13 @@ def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str
             statistics = held_out_map_statistics(kind, model, config)
         else:
             statistics = (None, "")
-        write_deploy_config(folder, _deploy_config(kind, model, config, checkpoint, model_path, engine,
-                                                   statistics))
+        deploy = _deploy_config(kind, model, config, checkpoint, model_path, engine, statistics)
+        if backward:
+            deploy["model_info"]["heatmap_backward"] = (
+                "explicit: hand-written backward with forward ops (kdad.explicit_gradient), checked "
+                "against paddle.grad at export" if backward == "explicit"
+                else "autograd: paddle.grad in the graph")
+        write_deploy_config(folder, deploy)
         print(f"exported the {kind} model to {folder} (oneDNN: {engine['onednn']}, ONNX: {engine['onnx']})",
               flush=True)
         written[kind] = folder

@@ -46,8 +46,9 @@ def convert_to_onnx(model_dir: str, save_dir: Optional[str] = None, opset_versio
     if deploy["engine"].get("onnx") is False:
         raise OnnxConversionError(
             f"the {deploy['kind']} model in '{folder}' is not convertible to ONNX: "
-            f"{deploy['engine'].get('note', 'its deploy.yaml says onnx: false')}. Convert the score "
-            "(or feature_map) model; run this one with Paddle Inference (--enable_mkldnn=False)")
+            f"{deploy['engine'].get('note', 'its deploy.yaml says onnx: false')}. Run this one with Paddle "
+            "Inference (--enable_mkldnn=False), or export the heatmap with the default "
+            "--heatmap_backward explicit, which converts")
     save_dir = os.path.abspath(save_dir or folder)
     os.makedirs(save_dir, exist_ok=True)  # paddle2onnx creates only one missing level
     onnx_path = os.path.join(save_dir, ONNX_FILENAME)

@@ -68,6 +68,15 @@ def exported(trained: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def exported_autograd(trained: Dict[str, Any]) -> str:
+    """The heatmap exported with ``paddle.grad`` inside the graph (backward ops: oneDNN off, no ONNX)."""
+    from kdad.export import export_model
+
+    save_dir = str(trained["base"] / "export_autograd")
+    return export_model(trained["path"], save_dir, kinds=["heatmap"], heatmap_backward="autograd")["heatmap"]
+
+
+@pytest.fixture(scope="session")
 def reference(trained: Dict[str, Any]) -> Dict[str, Any]:
     """Dynamic-graph scores, raw gradient maps and tap outputs of the test images."""
     model, checkpoint, config = load_model(trained["path"])
@@ -111,7 +120,8 @@ def test_deploy_yaml(exported, reference) -> None:
         assert read_program_info(os.path.join(exported[kind], "model.json"))["inputs"] == {
             "x": [-1, 3, SIZE, SIZE]}
     heat = load_deploy_config(exported["heatmap"])
-    assert heat["engine"]["onednn"] is False and heat["engine"]["onnx"] is False
+    assert heat["model_info"]["heatmap_backward"].startswith("explicit")
+    assert heat["engine"]["onnx"] is True and heat["engine"]["onednn"] is False
     assert heat["postprocess"]["heatmap_statistics"] == pytest.approx(calibration["map_statistics"])
     for kind in ("score", "feature_map"):
         engine = load_deploy_config(exported[kind])["engine"]
@@ -137,11 +147,15 @@ def test_score_model_parity_and_batch_independence(exported, reference, mkldnn: 
         np.testing.assert_allclose(_batched(runner, reference["x"], batch)[0], full, rtol=1e-5)
 
 
-def test_heatmap_model_parity_and_batch_independence(exported, reference) -> None:
+@pytest.mark.parametrize("backward", ["explicit", "autograd"])
+def test_heatmap_model_parity_and_batch_independence(exported, exported_autograd, reference,
+                                                     backward: str) -> None:
+    """Deployed gradient maps (blurred outside the graph) equal the dynamic ``paddle.grad`` maps."""
     from kdad.localization import blur
 
-    runner = _runner(exported["heatmap"], mkldnn=True)  # deploy.yaml forces oneDNN off
-    assert runner.config.mkldnn_enabled() is False
+    folder = exported["heatmap"] if backward == "explicit" else exported_autograd
+    runner = _runner(folder, mkldnn=True)
+    assert runner.config.mkldnn_enabled() is False  # deploy.yaml forces oneDNN off
     sigma = reference["config"]["blur_sigma"]
     n = len(reference["x"])
     scores, raw = _batched(runner, reference["x"], n)
@@ -198,7 +212,7 @@ def _cli_error(monkeypatch, capsys, script: str, argv: List[str]) -> str:
     return err
 
 
-def test_infer_folder_with_corrupt_file(trained, exported, reference, tmp_path, capsys) -> None:
+def test_infer_folder_with_corrupt_file(trained, exported_autograd, reference, tmp_path, capsys) -> None:
     folder = tmp_path / "images"
     for path in reference["paths"]:
         target = folder / Path(path).parent.name / Path(path).name
@@ -207,7 +221,7 @@ def test_infer_folder_with_corrupt_file(trained, exported, reference, tmp_path, 
     (folder / "good" / "broken.png").write_bytes(b"not an image at all")
     out_dir = tmp_path / "out"
     args = build_parser().parse_args([
-        f"--model_dir={exported['root']}", "--model_kind", "heatmap", "--input_file", str(folder),
+        f"--model_dir={exported_autograd}", "--input_file", str(folder),
         "--batch_size=3", "--enable_mkldnn=True", "--cpu_threads", "2", f"--save_dir={out_dir}"])
     output = run(args)
     captured = capsys.readouterr()
@@ -324,8 +338,9 @@ def test_autolog_times_and_report_format() -> None:
 # ----------------------------------------------------------------------------- ONNX
 
 
-def test_onnx_parity_via_scripts(trained, exported, reference, tmp_path, monkeypatch, capsys) -> None:
-    err = _cli_error(monkeypatch, capsys, "deploy/onnx/convert.py", [f"--model_dir={exported['heatmap']}"])
+def test_onnx_parity_via_scripts(trained, exported, exported_autograd, reference, tmp_path, monkeypatch,
+                                capsys) -> None:
+    err = _cli_error(monkeypatch, capsys, "deploy/onnx/convert.py", [f"--model_dir={exported_autograd}"])
     assert "not convertible" in err
     onnx_dir = tmp_path / "onnx" / "nested"
     done = subprocess.run([sys.executable, str(ROOT / "deploy/onnx/convert.py"),
@@ -342,3 +357,14 @@ def test_onnx_parity_via_scripts(trained, exported, reference, tmp_path, monkeyp
     results = {r["image"]: r["score"] for r in json.loads((out_dir / "results.json").read_text())["results"]}
     got = np.array([results[p] for p in reference["paths"]])
     np.testing.assert_allclose(got, reference["scores"], rtol=REL)
+
+
+def test_onnx_heatmap_parity(exported, reference, tmp_path) -> None:
+    """The explicit-backward heatmap converts to ONNX; onnxruntime gives the dynamic maps."""
+    from kdad.localization import blur
+    from kdad.onnx_deploy import OnnxRunner, convert_to_onnx
+
+    onnx_file = convert_to_onnx(exported["heatmap"], str(tmp_path / "heatmap_onnx"))
+    scores, raw = OnnxRunner(onnx_file, 2).run(reference["x"])
+    np.testing.assert_allclose(scores, reference["scores"], rtol=REL)
+    _close(blur(raw, reference["config"]["blur_sigma"]), reference["maps"])

@@ -24,6 +24,9 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--model_path", required=True, help="checkpoint (model_final.pdparams)")
     parser.add_argument("--kinds", default="score,heatmap,feature_map",
                         help="comma-separated models to export (score, heatmap, feature_map)")
+    parser.add_argument("--heatmap_backward", default="explicit", choices=("explicit", "autograd"),
+                        help="heatmap graph: hand-written backward with forward ops (converts to ONNX; "
+                             "default) or paddle.grad inside the graph (oneDNN off, no ONNX)")
     args = parser.parse_args(argv)
     if not args.save_dir:
         parser.error("--save_dir is required")
@@ -37,7 +40,8 @@ def main(argv: List[str]) -> int:
             overrides[key] = getattr(args, key)
     written = export_model(args.model_path, args.save_dir, overrides,
                            expected_config=requested if args.config else None,
-                           kinds=[k.strip() for k in args.kinds.split(",") if k.strip()])
+                           kinds=[k.strip() for k in args.kinds.split(",") if k.strip()],
+                           heatmap_backward=args.heatmap_backward)
     for kind, folder in written.items():
         print(f"{kind}: {folder}")
     return 0

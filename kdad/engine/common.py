@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any, List, Mapping, Tuple
 
@@ -11,6 +12,15 @@ import paddle
 from kdad.config import require_dataset
 from kdad.data import AnomalyDataset, Sample, list_folder, list_mvtec, split_holdout
 from kdad.models.kdad_model import KDADModel
+
+
+def set_cpu_threads(threads: int, processes: int = 1) -> int:
+    """CPU math threads of the dynamic graph (Paddle's default is 1); 0 shares all cores among
+    ``processes``. Returns the number set."""
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 1) // max(1, processes))
+    paddle.base.core.set_num_threads(int(threads))
+    return int(threads)
 
 
 def seed_everything(seed: int) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import paddle
 
-from kdad.engine.common import dataset, score_images, test_samples
+from kdad.engine.common import dataset, score_images, set_cpu_threads, test_samples
 from kdad.localization import localization_maps
 from kdad.metrics import compute_all
 from kdad.models.kdad_model import KDADModel
@@ -120,6 +120,7 @@ def evaluate_average(folder: str, config: Mapping[str, Any], from_epoch: int) ->
 
 def run_test(config: Mapping[str, Any], model_path: Optional[str], average: bool = False) -> Dict[str, Any]:
     """Evaluate and write the val logs; returns the result."""
+    set_cpu_threads(int(config["cpu_threads"]))
     if average:
         folder = model_path if model_path and os.path.isdir(model_path) else os.path.join(
             config["save_dir"], config["normal_class"])

@@ -11,7 +11,7 @@ import paddle
 import paddle.distributed as dist
 
 from kdad.config import dump_config
-from kdad.engine.common import dataset, score_images, seed_everything, split_train
+from kdad.engine.common import dataset, score_images, seed_everything, set_cpu_threads, split_train
 from kdad.localization import localization_maps
 from kdad.losses import training_loss
 from kdad.metrics import normal_map_statistics, threshold_from_normal_scores
@@ -84,6 +84,7 @@ def train(config: Dict[str, Any], return_model: bool = False):
 def _train(config: Dict[str, Any], return_model: bool):
     rank, world_size = _world()
     seed_everything(int(config["seed"]))
+    threads = set_cpu_threads(int(config["cpu_threads"]), world_size)
     out_dir = class_dir(config)
     name = config["normal_class"] or "folder"
     log = get_logger(f"train.{name}.{rank}",
@@ -133,7 +134,8 @@ def _train(config: Dict[str, Any], return_model: bool):
     sampler = paddle.io.DistributedBatchSampler(_Indices(), batch_size=int(config["batch_size"]),
                                                 shuffle=True, drop_last=False)
     log.info(f"class {name}: {len(train_images)} training images, {len(holdout_images)} held out; "
-             f"expert {config['expert']} (pretrain={config['pretrain']}); world size {world_size}")
+             f"expert {config['expert']} (pretrain={config['pretrain']}); world size {world_size}, "
+             f"{threads} CPU threads per process")
     log.info("config:\n" + dump_config(config))
     num_epochs = int(config["num_epochs"])
     epochs = range(start_epoch, num_epochs)

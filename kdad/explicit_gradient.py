@@ -1,30 +1,38 @@
 """Input-gradient heatmap as a *forward-only* graph: the backward pass written out by hand.
 
-``kdad.export`` builds the gradient heatmap with ``paddle.grad`` inside the static graph. That
-program contains backward ops (``conv2d_grad``, ``pool2d_grad``, ...), so in Paddle 3.3.1 it runs
-in Paddle Inference with oneDNN **off** only (pool2d_grad fails under oneDNN) and paddle2onnx
-aborts on it. This module computes the *same* gradient ``d sum(scores) / d x`` with forward ops
-only, so the graph runs with oneDNN and in onnxruntime:
+``paddle.grad`` inside a static graph adds backward ops (``conv2d_grad``, ``pool2d_grad``, ...);
+in Paddle 3.3.1 such a program runs in Paddle Inference with oneDNN **off** only (pool2d_grad fails
+under oneDNN) and paddle2onnx aborts on it. This module computes the *same* gradient
+``d sum(scores) / d x`` with forward ops only, so the exported ``heatmap/`` model
+(:mod:`kdad.export`, the default ``heatmap_backward="explicit"``) converts to ONNX and runs in
+onnxruntime, about twice as fast as Paddle Inference without oneDNN. Paddle Inference *with*
+oneDNN runs it too but gives wrong maps in Paddle 3.3.1 (zero gradients after a max-pool with a 1x1
+output; relative L2 errors of 0.5 on VGG16 at 128 px, 2 threads; individual ops are right, so it is
+a layout problem of the whole program): the export marks the heatmap model oneDNN-off.
 
-* conv (any stride, padding, groups): data gradient = ``conv2d_transpose`` with the same weight
+How each layer's gradient is written:
+
+* conv (any stride, padding, groups): data gradient = ``conv2d_transpose`` with the conv's weight
   (then cropped to the input size, which also covers TF ``SAME`` asymmetric padding);
-* BatchNorm in eval mode: multiply by ``gamma / sqrt(running_var + eps)`` per channel;
+* BatchNorm in eval mode: multiply by ``gamma / sqrt(running_var + eps)`` per channel, folded
+  into the backward conv's weight; the graph holds its own copies of these weights
+  (:class:`BackwardWeights`), because engines fold BatchNorm into the forward weights in place;
 * ReLU / ReLU6: multiply by the mask computed from the forward output, exactly as Paddle's
   ``relu_grad`` (``out > 0``) and ``relu6_grad`` (``0 < out < 6``) do; guided backprop
   (``gbp``, cloner ReLUs only, as :func:`kdad.localization.guided_relus`) also clips the
   incoming gradient at 0;
 * 2x2/2 max-pool: the gradient goes to the *first* maximum of each window in row-major order,
-  the tie rule of Paddle's ``pool2d_grad`` (checked in the benchmark); built from strided slices,
+  the tie rule of Paddle's ``pool2d_grad`` (checked in the tests); built from strided slices,
   comparisons and a reshape (no ``F.interpolate``, which fails under oneDNN in 3.3.1);
 * the KDAD distance of :mod:`kdad.losses` (``(1 - cos) + lamda * MSE`` per flattened tap, the
   cosine exactly as ``F.cosine_similarity``: ``w12 / sqrt(clip(w1 * w2, eps^2))``) differentiated
   in closed form.
 
 Scores come from :func:`kdad.losses.per_image_distance` itself. The graph returns the same pair as
-``kdad.export.HeatmapGraph``: ``(scores [N], sum_c |d sum(scores) / d x| [N, S, S])``. The
-benchmark checks it against ``paddle.grad`` in the dynamic graph and against the exported
-``heatmap/`` model. Supported networks: VGG-style ``nn.Sequential`` stacks (the VGG16 expert and
-every cloner) and the EfficientNet-Lite0 expert.
+``kdad.export.AutogradHeatmapGraph``: ``(scores [N], sum_c |d sum(scores) / d x| [N, S, S])``.
+``tests/test_explicit_gradient.py`` and every export check it against ``paddle.grad``. Supported
+networks: VGG-style ``nn.Sequential`` stacks (the VGG16 expert and every cloner) and the
+EfficientNet-Lite0 expert.
 """
 
 from __future__ import annotations
@@ -79,17 +87,20 @@ def _conv_paddings(conv: nn.Conv2D, in_hw: Sequence[int]) -> List[Tuple[int, int
 
 
 def conv_data_grad(grad: paddle.Tensor, conv: nn.Conv2D, in_hw: Sequence[int],
-                   out_scale: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+                   out_scale: Optional[paddle.Tensor] = None,
+                   weight: Optional[paddle.Tensor] = None) -> paddle.Tensor:
     """``d loss / d input`` of ``conv`` from ``d loss / d output`` (forward ops only).
 
     ``out_scale`` (``[C_out]``) multiplies the incoming gradient per output channel; it is folded
-    into the weight (a constant sub-graph) instead of a broadcast multiply over the activation.
+    into the weight instead of a broadcast multiply over the activation. ``weight`` replaces
+    ``conv.weight`` (already scaled): the copies of :class:`BackwardWeights`.
     """
     if conv._data_format != "NCHW":
         raise ValueError("only NCHW convolutions are supported")
-    weight = conv.weight
-    if out_scale is not None:
-        weight = weight * paddle.reshape(out_scale, [-1, 1, 1, 1])
+    if weight is None:
+        weight = conv.weight
+        if out_scale is not None:
+            weight = weight * paddle.reshape(out_scale, [-1, 1, 1, 1])
     stride = _pair(conv._stride)
     dilation = _pair(conv._dilation)
     pads = _conv_paddings(conv, in_hw)
@@ -115,6 +126,45 @@ def bn_scale(bn: nn.BatchNorm2D) -> paddle.Tensor:
     if bn.weight is not None:
         scale = scale * bn.weight
     return scale
+
+
+class BackwardWeights(nn.Layer):
+    """The backward pass's own copy of every conv weight, with the scale of the eval-mode
+    BatchNorm that follows it folded in (``W * gamma / sqrt(var + eps)`` per output channel).
+
+    Inference engines fold BatchNorm into the forward conv by rewriting the conv weight in place
+    (Paddle Inference's ``conv_bn_fuse_pass`` under oneDNN). A backward conv that shared that
+    weight would then apply the BatchNorm scale twice; with copies it cannot. A snapshot: build
+    the graph after the model's weights are final.
+    """
+
+    def __init__(self, pairs: Sequence[Tuple[nn.Conv2D, Optional[nn.BatchNorm2D]]]) -> None:
+        super().__init__()
+        self._index: Dict[Tuple[int, Optional[int]], int] = {}
+        self.weights = nn.ParameterList()
+        for conv, bn in pairs:
+            key = (id(conv), None if bn is None else id(bn))
+            if key in self._index:
+                continue
+            value = conv.weight.numpy()
+            if bn is not None:
+                value = value * bn_scale(bn).numpy().reshape(-1, 1, 1, 1)
+            param = self.create_parameter(list(value.shape), dtype=str(value.dtype),
+                                          default_initializer=nn.initializer.Assign(value))
+            param.stop_gradient = True
+            self._index[key] = len(self.weights)
+            self.weights.append(param)
+
+    def get(self, conv: nn.Conv2D, bn: Optional[nn.BatchNorm2D]) -> paddle.Tensor:
+        return self.weights[self._index[(id(conv), None if bn is None else id(bn))]]
+
+
+def sequential_conv_bn_pairs(features: nn.Sequential) -> List[Tuple[nn.Conv2D, Optional[nn.BatchNorm2D]]]:
+    """``(conv, the BatchNorm right after it or None)`` for every conv of a VGG-style stack."""
+    layers = list(features)
+    following = layers[1:] + [None]
+    return [(layer, after if isinstance(after, nn.BatchNorm2D) else None)
+            for layer, after in zip(layers, following) if isinstance(layer, nn.Conv2D)]
 
 
 def _keep(condition: paddle.Tensor, grad: paddle.Tensor) -> paddle.Tensor:
@@ -199,25 +249,30 @@ def sequential_forward(features: nn.Sequential, taps: Sequence[int], x: paddle.T
 
 
 def sequential_backward(records, taps: Sequence[int], tap_grads: Dict[int, paddle.Tensor],
-                        guided: bool = False, pool_grad: str = "mask") -> paddle.Tensor:
+                        guided: bool = False, pool_grad: str = "mask",
+                        weights: Optional[BackwardWeights] = None) -> paddle.Tensor:
     """``d loss / d input`` of a recorded VGG-style stack, given ``d loss / d tap`` (tap index -> grad)."""
     layer_of_tap = {taps[t]: t for t in tap_grads}
     grad: Optional[paddle.Tensor] = None
-    pending_scale: Optional[paddle.Tensor] = None  # a BatchNorm's scale, folded into the next conv
+    pending_bn: Optional[nn.BatchNorm2D] = None  # a BatchNorm, folded into the conv before it
     for index, layer, x, y in reversed(records):
         if index in layer_of_tap:
-            if pending_scale is not None:
+            if pending_bn is not None:
                 raise ValueError("a tap between a conv and its BatchNorm is not supported")
             grad = _add(grad, tap_grads[layer_of_tap[index]])
         if grad is None:
             continue
-        if pending_scale is not None and not isinstance(layer, nn.Conv2D):
+        if pending_bn is not None and not isinstance(layer, nn.Conv2D):
             raise ValueError("a BatchNorm must directly follow a conv")
         if isinstance(layer, nn.Conv2D):
-            grad = conv_data_grad(grad, layer, x.shape[2:], pending_scale)
-            pending_scale = None
+            if weights is not None:
+                grad = conv_data_grad(grad, layer, x.shape[2:], weight=weights.get(layer, pending_bn))
+            else:
+                scale = None if pending_bn is None else bn_scale(pending_bn)
+                grad = conv_data_grad(grad, layer, x.shape[2:], scale)
+            pending_bn = None
         elif isinstance(layer, nn.BatchNorm2D):
-            pending_scale = bn_scale(layer)
+            pending_bn = layer
         elif isinstance(layer, nn.ReLU):
             grad = relu_grad(grad, y, guided)
         elif isinstance(layer, nn.MaxPool2D):
@@ -239,13 +294,24 @@ def _convbn_forward(block, x):
     return y, (block, x, y)
 
 
-def _convbn_backward(record, grad):
+def _convbn_backward(record, grad, weights: Optional[BackwardWeights] = None):
     block, x, y = record
     if block.act is not None:
         if not isinstance(block.act, nn.ReLU6):
             raise TypeError(f"no hand-written backward for {type(block.act).__name__}")
         grad = relu6_grad(grad, y)
+    if weights is not None:
+        return conv_data_grad(grad, block.conv, x.shape[2:], weight=weights.get(block.conv, block.bn))
     return conv_data_grad(grad, block.conv, x.shape[2:], bn_scale(block.bn))
+
+
+def efficientnet_conv_bn_pairs(expert) -> List[Tuple[nn.Conv2D, Optional[nn.BatchNorm2D]]]:
+    """``(conv, its BatchNorm)`` of every conv block of the EfficientNet-Lite0 expert."""
+    backbone = expert.backbone
+    blocks = [backbone.stem, backbone.head]
+    for block in backbone.blocks:
+        blocks += [b for b in (block.expand, block.depthwise, block.project) if b is not None]
+    return [(b.conv, b.bn) for b in blocks]
 
 
 def efficientnet_forward(expert, x: paddle.Tensor):
@@ -276,29 +342,30 @@ def efficientnet_forward(expert, x: paddle.Tensor):
     return [feats[name] for name in expert.tap_names], (stem, blocks, head)
 
 
-def efficientnet_backward(expert, record, tap_grads: Dict[int, paddle.Tensor]) -> paddle.Tensor:
+def efficientnet_backward(expert, record, tap_grads: Dict[int, paddle.Tensor],
+                          weights: Optional[BackwardWeights] = None) -> paddle.Tensor:
     from kdad.models.efficientnet_lite import INPUT_STD
 
     stem, blocks, head = record
     named = {expert.tap_names[t]: g for t, g in tap_grads.items()}
     grad = named.get("head")
     if grad is not None:
-        grad = _convbn_backward(head, grad)
+        grad = _convbn_backward(head, grad, weights)
     for index, use_skip, expand, dw, project in reversed(blocks):
         grad = _add(grad, named.get(f"blocks.{index}"))
         if grad is None:
             continue
         block_out_grad = grad
-        grad = _convbn_backward(project, grad)
+        grad = _convbn_backward(project, grad, weights)
         grad = _add(grad, named.get(f"blocks.{index}.depthwise"))
-        grad = _convbn_backward(dw, grad)
+        grad = _convbn_backward(dw, grad, weights)
         if expand is not None:
             grad = _add(grad, named.get(f"blocks.{index}.expand"))
-            grad = _convbn_backward(expand, grad)
+            grad = _convbn_backward(expand, grad, weights)
         if use_skip:
             grad = grad + block_out_grad
     grad = _add(grad, named.get("stem"))
-    grad = _convbn_backward(stem, grad)
+    grad = _convbn_backward(stem, grad, weights)
     return grad / INPUT_STD
 
 
@@ -349,6 +416,10 @@ class ExplicitGradientGraph(nn.Layer):
         self.efficientnet = hasattr(model.expert, "backbone")
         if not self.efficientnet and not hasattr(model.expert, "features"):
             raise TypeError(f"no hand-written backward for expert {type(model.expert).__name__}")
+        pairs = sequential_conv_bn_pairs(model.cloner.features)
+        pairs += (efficientnet_conv_bn_pairs(model.expert) if self.efficientnet
+                  else sequential_conv_bn_pairs(model.expert.features))
+        self.backward_weights = BackwardWeights(pairs)
 
     def gradients(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """``(scores [N], d sum(scores) / d x [N, 3, S, S])``."""
@@ -363,12 +434,14 @@ class ExplicitGradientGraph(nn.Layer):
         for tap in m.score_taps:
             cloner_grads[tap], expert_grads[tap] = distance_grads(cloner_feats[tap], expert_feats[tap],
                                                                   m.lamda, m.direction_only)
+        weights = self.backward_weights
         grad = sequential_backward(cloner_rec, m.cloner.taps, cloner_grads, guided=self.guided,
-                                   pool_grad=self.pool_grad)
+                                   pool_grad=self.pool_grad, weights=weights)
         if self.efficientnet:
-            grad = grad + efficientnet_backward(m.expert, expert_rec, expert_grads)
+            grad = grad + efficientnet_backward(m.expert, expert_rec, expert_grads, weights)
         else:
-            grad = grad + sequential_backward(expert_rec, m.expert.taps, expert_grads, pool_grad=self.pool_grad)
+            grad = grad + sequential_backward(expert_rec, m.expert.taps, expert_grads,
+                                              pool_grad=self.pool_grad, weights=weights)
         return scores, grad
 
     def forward(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
