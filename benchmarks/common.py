@@ -203,7 +203,10 @@ def make_checkpoint(work_dir: str, expert: str, size: int = 128, n_train: int = 
 def export_dir(work_dir: str, checkpoint: str) -> str:
     """``kdad.export.export_model`` of ``checkpoint`` (score, heatmap, feature_map), cached."""
     folder = os.path.join(os.path.dirname(checkpoint), "export")
-    if all(os.path.isfile(os.path.join(folder, kind, "model.json")) for kind in ("score", "heatmap", "feature_map")):
+    heatmap_yaml = os.path.join(folder, "heatmap", "deploy.yaml")
+    current = os.path.isfile(heatmap_yaml) and "heatmap_backward" in open(heatmap_yaml, encoding="utf-8").read()
+    if current and all(os.path.isfile(os.path.join(folder, kind, "model.json"))
+                       for kind in ("score", "heatmap", "feature_map")):
         return folder
     from kdad.export import export_model
 

