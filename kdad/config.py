@@ -31,7 +31,8 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "direction_loss_only": (bool, False, "use only the cosine (direction) term"),
     "continue_train": (bool, False, "resume from the latest checkpoint in save_dir"),
     "localization_test": (bool, True, "compute localization maps and pixel metrics in test"),
-    "localization_method": (str, "gradients", "gradients | smooth_grad | gbp"),
+    "localization_method": (str, "gradients", "gradients | smooth_grad | gbp (the paper's) | feature_map "
+                                              "(forward-only map of the exported feature_map/ model)"),
     "last_checkpoint": (int, -1, "original key, unused: evaluation takes --model_path"),
     # --- new keys ---
     "expert": (str, "vgg16", "vgg16 (the paper) or efficientnet_lite0"),
@@ -58,7 +59,7 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "average_from_epoch": (int, 0, "checkpoint averaging: first epoch counted (after convergence)"),
 }
 
-LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp")
+LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp", "feature_map")
 DATASET_NAMES = ("mvtec", "folder")
 
 

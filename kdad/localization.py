@@ -153,4 +153,15 @@ def localization_maps(
             scores, grads = input_gradients(model, images)
         guided = normalize_per_image(channel_abs_sum(grads))
         return scores, blur(_min_max(guided), sigma), blur(channel_abs_sum(grads), sigma)
-    raise ValueError(f"unknown localization method '{method}' (gradients, smooth_grad, gbp)")
+    if method == "feature_map":  # forward only: the map of the exported feature_map/ model
+        from kdad.feature_maps import feature_distance_map
+        from kdad.losses import per_image_distance
+
+        with paddle.no_grad():
+            cloner_feats, expert_feats = model.features(images)
+            scores = per_image_distance(cloner_feats, expert_feats, model.score_taps, model.lamda,
+                                        model.direction_only)
+            maps = feature_distance_map(cloner_feats, expert_feats, model.score_taps, model.lamda,
+                                        model.direction_only, int(images.shape[-1])).numpy()
+        return scores.numpy(), blur(normalize_per_image(maps), sigma), blur(maps, sigma)
+    raise ValueError(f"unknown localization method '{method}' (gradients, smooth_grad, gbp, feature_map)")

@@ -368,3 +368,18 @@ def test_onnx_heatmap_parity(exported, reference, tmp_path) -> None:
     scores, raw = OnnxRunner(onnx_file, 2).run(reference["x"])
     np.testing.assert_allclose(scores, reference["scores"], rtol=REL)
     _close(blur(raw, reference["config"]["blur_sigma"]), reference["maps"])
+
+
+def test_feature_map_localization_method(reference) -> None:
+    """``localization_method: feature_map`` evaluates the map the feature_map/ model deploys."""
+    from kdad.localization import blur, localization_maps
+
+    sigma = reference["config"]["blur_sigma"]
+    x = paddle.to_tensor(reference["x"])
+    scores, paper, raw = localization_maps(reference["model"], x, "feature_map", sigma)
+    np.testing.assert_allclose(scores, reference["scores"], rtol=REL)
+    want = _numpy_feature_map(reference["taps"], reference["model"].lamda, SIZE)
+    _close(raw, blur(want.astype(np.float32), sigma))
+    flat = want.reshape(len(want), -1)  # the original code's per-image (min, p99) scaling, clipped
+    low, high = flat.min(axis=1)[:, None, None], np.percentile(flat, 99, axis=1)[:, None, None]
+    _close(paper, blur(np.clip((want - low) / (high - low), 0, 1).astype(np.float32), sigma), 1e-3)
