@@ -161,7 +161,9 @@ def run(args, checkpoint: str) -> Dict[str, Any]:
     for name, runner in {**grad_engines, **known_wrong}.items():
         scores, maps = runner(probe)
         paper, raw = _maps_from_channel_sums(maps, sigma)
-        exact = "native" in name
+        # Paddle Inference without oneDNN runs VGG16's kernels bit-identically to the dygraph; the
+        # EfficientNet-Lite0 expert's depthwise/strided convs round differently there too
+        exact = "native" in name and args.expert == "vgg16"
         s_diff = float(np.abs(scores - ref_scores).max())
         m_rel, m_l2, b_rel = max_rel_diff(maps, ref_sum), rel_l2(maps, ref_sum), max_rel_diff(raw, ref_raw)
         passed = s_diff <= SCORE_TOL * max(1.0, float(np.abs(ref_scores).max())) and (

@@ -25,7 +25,7 @@ if REPO not in sys.path:
 # Paddle's CPU wheel uses for GEMM in its native conv/matmul kernels) told to use its AVX2 code
 # path on this AMD CPU; without it MKLML takes a slow generic path on non-Intel CPUs.
 ENVIRONMENTS: Dict[str, Dict[str, str]] = {
-    "default": {},
+    "default": {"MKL_DEBUG_CPU_TYPE": ""},  # Paddle as installed: empty also stops kdad setting it
     "tuned": {"MKL_DEBUG_CPU_TYPE": "5"},
 }
 
