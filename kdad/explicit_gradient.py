@@ -16,7 +16,7 @@ How each layer's gradient is written:
   (then cropped to the input size, which also covers TF ``SAME`` asymmetric padding);
 * BatchNorm in eval mode: multiply by ``gamma / sqrt(running_var + eps)`` per channel, folded
   into the backward conv's weight; the graph holds its own copies of these weights
-  (:class:`BackwardWeights`), because engines fold BatchNorm into the forward weights in place;
+  (:class:`BackwardWeights`);
 * ReLU / ReLU6: multiply by the mask computed from the forward output, exactly as Paddle's
   ``relu_grad`` (``out > 0``) and ``relu6_grad`` (``0 < out < 6``) do; guided backprop
   (``gbp``, cloner ReLUs only, as :func:`kdad.localization.guided_relus`) also clips the
@@ -132,10 +132,10 @@ class BackwardWeights(nn.Layer):
     """The backward pass's own copy of every conv weight, with the scale of the eval-mode
     BatchNorm that follows it folded in (``W * gamma / sqrt(var + eps)`` per output channel).
 
-    Inference engines fold BatchNorm into the forward conv by rewriting the conv weight in place
-    (Paddle Inference's ``conv_bn_fuse_pass`` under oneDNN). A backward conv that shared that
-    weight would then apply the BatchNorm scale twice; with copies it cannot. A snapshot: build
-    the graph after the model's weights are final.
+    Folding once here saves a multiply per conv and call. Separate copies also keep the backward
+    independent of inference passes that may rewrite a forward conv's weight (folding BatchNorm into
+    it); whether Paddle Inference does that in place was not established. A snapshot: build the
+    graph after the model's weights are final.
     """
 
     def __init__(self, pairs: Sequence[Tuple[nn.Conv2D, Optional[nn.BatchNorm2D]]]) -> None:
