@@ -128,3 +128,21 @@ function tipc_summary() {
     fi
     return 0
 }
+
+# Reads the first $2 lines of params file $1 into the global array `lines` (blank lines are
+# skipped by the split); exits 2 when fewer than $2 are there. $2 = 0 reads the whole file.
+function func_read_params() {
+    local file=$1 count=$2 dataline
+    if [ "${count}" -gt 0 ]; then
+        dataline=$(awk -v n="${count}" 'NR<=n{print}' "${file}")
+    else
+        dataline=$(cat "${file}")
+    fi
+    IFS=$'\n'
+    lines=(${dataline})
+    unset IFS
+    if [ "${count}" -gt 0 ] && [ ${#lines[@]} -lt "${count}" ]; then
+        echo "error: ${file} has ${#lines[@]} non-blank lines among its first ${count}; ${count} are read (no blank lines)" >&2
+        exit 2
+    fi
+}

@@ -29,10 +29,7 @@ if [ ! -f "${FILENAME}" ]; then
     exit 2
 fi
 
-dataline=$(cat "${FILENAME}")
-IFS=$'\n'
-lines=(${dataline})
-unset IFS
+func_read_params "${FILENAME}" 0
 model_name=$(func_parser_value "${lines[1]}")
 python=$(func_parser_value "${lines[2]}")
 case "${model_name}" in

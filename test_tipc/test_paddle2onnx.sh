@@ -17,14 +17,7 @@ if [ -z "${FILENAME}" ] || [ ! -f "${FILENAME}" ]; then
     exit 2
 fi
 
-dataline=$(awk 'NR==1, NR==19{print}' "${FILENAME}")
-IFS=$'\n'
-lines=(${dataline})
-unset IFS
-if [ ${#lines[@]} -lt 19 ]; then
-    echo "error: ${FILENAME} has ${#lines[@]} non-blank lines among its first 19; 19 are read (no blank lines)" >&2
-    exit 2
-fi
+func_read_params "${FILENAME}" 19
 
 model_name=$(func_parser_value "${lines[1]}")
 python=$(func_parser_value "${lines[2]}")

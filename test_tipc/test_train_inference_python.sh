@@ -25,14 +25,7 @@ case ${MODE} in
     *) echo "error: unknown MODE '${MODE}'" >&2; exit 2 ;;
 esac
 
-dataline=$(awk 'NR==1, NR==51{print}' "${FILENAME}")
-IFS=$'\n'
-lines=(${dataline})
-unset IFS
-if [ ${#lines[@]} -lt 51 ]; then
-    echo "error: ${FILENAME} has ${#lines[@]} non-blank lines among its first 51; the driver reads exactly 51 (no blank lines)" >&2
-    exit 2
-fi
+func_read_params "${FILENAME}" 51
 
 # ------------------------------------------------------------------------------- train params
 model_name=$(func_parser_value "${lines[1]}")
@@ -139,6 +132,19 @@ function show_log() {
     else
         tail -n 4 "$2"
     fi
+}
+
+# Exports checkpoint $2 with export script $1 into $3 (log $4) and records the status line.
+function func_export() {
+    local set_weight set_save cmd status
+    set_weight=$(func_set_params "${export_weight_key}" "$2")
+    set_save=$(func_set_params "${save_infer_key}" "$3")
+    cmd="${python} $1 ${set_weight} ${set_save} > $4 2>&1 "
+    cmd=$(echo "${cmd}" | tr -s ' ')
+    eval "${cmd}"
+    status=$?
+    show_log ${status} "$4"
+    status_check ${status} "${cmd}" "${status_log}" "${model_name}" "$4"
 }
 
 function func_inference() {
@@ -272,15 +278,8 @@ if [ "${MODE}" = "whole_infer" ]; then
         if [ "${export_entry}" != "null" ]; then
             save_infer_dir="${LOG_PATH}/whole_infer_export_${Count}"
             rm -rf "${save_infer_dir}"
-            set_export_weight=$(func_set_params "${export_weight_key}" "${infer_model}")
-            set_save_infer_key=$(func_set_params "${save_infer_key}" "${save_infer_dir}")
-            export_log_path="${LOG_PATH}/whole_infer_export_${Count}.log"
-            export_cmd="${python} ${export_entry} ${set_export_weight} ${set_save_infer_key} > ${export_log_path} 2>&1 "
-            export_cmd=$(echo "${export_cmd}" | tr -s ' ')
-            eval "${export_cmd}"
-            status_export=$?
-            show_log ${status_export} "${export_log_path}"
-            status_check ${status_export} "${export_cmd}" "${status_log}" "${model_name}" "${export_log_path}"
+            func_export "${export_entry}" "${infer_model}" "${save_infer_dir}" \
+                "${LOG_PATH}/whole_infer_export_${Count}.log"
             func_inference_dirs "${python}" "${inference_py}" "${save_infer_dir}" "${infer_log_path}" "${infer_img_dir}" "${is_quant}" "${GPUID}"
         elif [ "${inference_dir}" != "null" ] && [ -d "${infer_model}/${inference_dir%%|*}" ]; then
             # an export dir holding the inference_dir subfolders
@@ -413,15 +412,8 @@ else
                 fi
                 # export and inference
                 if [ "${run_export}" != "null" ] && [ -n "${run_export}" ]; then
-                    set_export_weight=$(func_set_params "${export_weight_key}" "${save_log}/${train_model_name}")
-                    set_save_infer_key=$(func_set_params "${save_infer_key}" "${save_log}")
-                    export_log_path="${LOG_PATH}/${run_name}_nodes_${nodes}_export.log"
-                    export_cmd="${python} ${run_export} ${set_export_weight} ${set_save_infer_key} > ${export_log_path} 2>&1 "
-                    export_cmd=$(echo "${export_cmd}" | tr -s ' ')
-                    eval "${export_cmd}"
-                    status_export=$?
-                    show_log ${status_export} "${export_log_path}"
-                    status_check ${status_export} "${export_cmd}" "${status_log}" "${model_name}" "${export_log_path}"
+                    func_export "${run_export}" "${save_log}/${train_model_name}" "${save_log}" \
+                        "${LOG_PATH}/${run_name}_nodes_${nodes}_export.log"
 
                     eval "${env}"
                     func_inference_dirs "${python}" "${inference_py}" "${save_log}" "${LOG_PATH}" "${train_infer_img_dir}" "${flag_quant}" "${gpu}"
