@@ -112,7 +112,7 @@ def run_part(args) -> Dict[str, Any]:
     if name == "flops":
         from benchmarks.flops import model_flops
         from kdad.config import load_config
-        from kdad.models.kdad_model import build_model
+        from kdad.methods.kdad.model import build_model
 
         model = build_model(load_config(None, {"pretrain": False, "expert": args.expert,
                                                "mvtec_img_size": args.size}))

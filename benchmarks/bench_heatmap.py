@@ -3,11 +3,11 @@ forward-only feature-distance map.
 
 Engines:
 
-* ``dygraph``: :func:`kdad.localization.localization_maps` (``paddle.grad`` in the dynamic graph);
+* ``dygraph``: :func:`kdad.methods.kdad.localization.localization_maps` (``paddle.grad`` in the dynamic graph);
 * ``exported heatmap (paddle.grad)``: ``kdad.export`` with ``heatmap_backward="autograd"``
   (backward ops in the graph); Paddle Inference with oneDNN off, the only way it runs;
 * ``exported heatmap (explicit)``: the default ``heatmap/`` model, the same gradient with forward
-  ops only (:mod:`kdad.explicit_gradient`), in Paddle Inference (oneDNN off) and in onnxruntime;
+  ops only (:mod:`kdad.methods.kdad.explicit_gradient`), in Paddle Inference (oneDNN off) and in onnxruntime;
   with oneDNN it is only *checked* (``known_wrong``: wrong maps in Paddle 3.3.1), not timed;
 * ``exported gbp (explicit)``: the guided-backprop variant of that graph;
 * ``feature map``: ``kdad.export``'s forward-only ``feature_map/`` model (a different map).
@@ -15,7 +15,7 @@ Engines:
 Each timed call produces what ``localization_maps`` returns: scores, the paper map (per-image
 normalised, blurred) and the raw map (blurred), so host post-processing is included everywhere.
 SmoothGrad averages ``--smoothgrad_samples`` noisy gradient maps per image (the config default is
-50), with exactly the noise of :func:`kdad.localization.smooth_grad`; the fast version batches the
+50), with exactly the noise of :func:`kdad.methods.kdad.localization.smooth_grad`; the fast version batches the
 noisy copies through the exported explicit-gradient model.
 """
 
@@ -49,19 +49,21 @@ ROUNDED_BLURRED_MAX_TOL = 1e-2
 
 
 def _maps_from_channel_sums(maps: np.ndarray, sigma: float):
-    from kdad.localization import blur, normalize_per_image
+    from kdad.methods.kdad.localization import normalize_per_image
+    from kdad.postprocess import blur
 
     return blur(normalize_per_image(maps), sigma), blur(maps, sigma)
 
 
 def _gbp_maps(maps: np.ndarray, sigma: float):
-    from kdad.localization import _min_max, blur, normalize_per_image
+    from kdad.methods.kdad.localization import _min_max, normalize_per_image
+    from kdad.postprocess import blur
 
     return blur(_min_max(normalize_per_image(maps)), sigma), blur(maps, sigma)
 
 
 def smooth_grad_noisy_batches(images: np.ndarray, samples: int, sigma_multiplier: float, seed: int = 0):
-    """The noisy copies of :func:`kdad.localization.smooth_grad`, same generator and order:
+    """The noisy copies of :func:`kdad.methods.kdad.localization.smooth_grad`, same generator and order:
     ``[samples, N, 3, S, S]``."""
     rng = np.random.default_rng(seed)
     span = images.reshape(len(images), -1).max(axis=1) - images.reshape(len(images), -1).min(axis=1)
@@ -76,7 +78,8 @@ def smooth_grad_noisy_batches(images: np.ndarray, samples: int, sigma_multiplier
 def smooth_grad_with(runner: Callable, images: np.ndarray, samples: int, sigma_multiplier: float,
                      sigma: float, chunk: int = 8):
     """``localization_maps(..., "smooth_grad")`` computed with a gradient-map engine ``runner``."""
-    from kdad.localization import _min_max, blur, normalize_per_image
+    from kdad.methods.kdad.localization import _min_max, normalize_per_image
+    from kdad.postprocess import blur
 
     noisy = smooth_grad_noisy_batches(images, samples, sigma_multiplier)
     flat = noisy.reshape(-1, *images.shape[1:])
@@ -93,10 +96,11 @@ def smooth_grad_with(runner: Callable, images: np.ndarray, samples: int, sigma_m
 def run(args, checkpoint: str) -> Dict[str, Any]:
     import paddle
 
-    from kdad.explicit_gradient import export_explicit_heatmap
-    from kdad.export import export_model, load_deploy_config
-    from kdad.feature_maps import feature_distance_map
-    from kdad.localization import localization_maps
+    from kdad.deploy.config import load_deploy_config
+    from kdad.export import export_model
+    from kdad.methods.kdad.explicit_gradient import export_explicit_heatmap
+    from kdad.methods.kdad.feature_maps import feature_distance_map
+    from kdad.methods.kdad.localization import localization_maps
     from kdad.utils.checkpoint import load_model
 
     model, _, config = load_model(checkpoint)  # as the package loads it (cloner parameters trainable)
@@ -105,7 +109,7 @@ def run(args, checkpoint: str) -> Dict[str, Any]:
     folder = export_dir(args.work_dir, checkpoint)
     threads = args.threads
 
-    # heatmap/ is the explicit-backward graph (kdad.explicit_gradient); the paddle.grad graph and the
+    # heatmap/ is the explicit-backward graph (kdad.methods.kdad.explicit_gradient); the paddle.grad graph and the
     # guided-backprop graph are exported beside it
     autograd_dir = os.path.join(folder, "heatmap_autograd")
     if not os.path.isfile(os.path.join(autograd_dir, "heatmap", "model.json")):
@@ -120,7 +124,7 @@ def run(args, checkpoint: str) -> Dict[str, Any]:
         export_explicit_heatmap(frozen, gbp_dir, size, guided=True)
         engines.write_deploy_like(os.path.join(folder, "heatmap"), gbp_dir,
                                   dict(load_deploy_config(os.path.join(folder, "heatmap"))["engine"]),
-                                  note="kdad.explicit_gradient, guided backprop")
+                                  note="kdad.methods.kdad.explicit_gradient, guided backprop")
     explicit_file = os.path.join(folder, "heatmap", "model.json")
 
     grad_engines: Dict[str, Callable] = {}  # name -> runner returning [scores, sum_c|g|]
@@ -154,7 +158,7 @@ def run(args, checkpoint: str) -> Dict[str, Any]:
     checks: List[Dict[str, Any]] = []
     probe = random_images(4, size, seed=7)
     ref_scores, ref_paper, ref_raw = localization_maps(model, paddle.to_tensor(probe), "gradients", sigma)
-    from kdad.localization import channel_abs_sum, input_gradients
+    from kdad.methods.kdad.localization import channel_abs_sum, input_gradients
 
     _, ref_grads = input_gradients(model, paddle.to_tensor(probe))
     ref_sum = channel_abs_sum(ref_grads)
@@ -255,6 +259,6 @@ def _post(outputs, sigma: float, gbp: bool = False):
 
 
 def _post_feature(outputs, sigma: float):
-    from kdad.localization import blur
+    from kdad.postprocess import blur
 
     return outputs[0], blur(outputs[1], sigma)

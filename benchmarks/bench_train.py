@@ -2,8 +2,8 @@
 
 Variants (each on its own copy of the same initial model, timed side by side on the same batch):
 
-* ``dygraph``: the trainer's step (:func:`kdad.fast_train.plain_step`), cached expert features;
-* ``static``: :class:`kdad.fast_train.FastTrainStep` (``to_static`` forward+loss), cached;
+* ``dygraph``: the trainer's step (:func:`kdad.methods.kdad.fast_train.plain_step`), cached expert features;
+* ``static``: :class:`kdad.methods.kdad.fast_train.FastTrainStep` (``to_static`` forward+loss), cached;
 * the same two without cached features (the expert runs in the dynamic graph every step);
 * ``static + Paddle Inference expert`` (oneDNN), uncached: faster, but not result-identical
   (rounding of the expert features, amplified by Adam in near-zero gradients).
@@ -29,8 +29,14 @@ def run(args) -> Dict[str, Any]:
     import paddle
 
     from kdad.config import load_config
-    from kdad.fast_train import FastTrainStep, InferenceExpert, cloner_state, compare_states, plain_step
-    from kdad.models.kdad_model import build_model
+    from kdad.methods.kdad.fast_train import (
+        FastTrainStep,
+        InferenceExpert,
+        cloner_state,
+        compare_states,
+        plain_step,
+    )
+    from kdad.methods.kdad.model import build_model
 
     size, batch = int(args.size), int(args.train_batch)
     config = load_config(None, {"pretrain": False, "expert": args.expert, "mvtec_img_size": size})

@@ -12,8 +12,8 @@ Runner = Callable[[np.ndarray], List[np.ndarray]]
 
 
 def paddle_inference(model_file: str, enable_mkldnn: bool, threads: int, use_gpu: bool = False) -> Runner:
-    """A Paddle Inference predictor built by the package (:func:`kdad.inference.create_paddle_predictor`)."""
-    from kdad.inference import PredictorOptions, create_paddle_predictor
+    """A Paddle Inference predictor built by the package (:func:`kdad.deploy.runtime.create_paddle_predictor`)."""
+    from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
 
     options = PredictorOptions(use_gpu=use_gpu, enable_mkldnn=enable_mkldnn, cpu_threads=threads)
     runner = create_paddle_predictor(model_file, os.path.splitext(model_file)[0] + ".pdiparams", options)
@@ -48,8 +48,8 @@ def paddle_inference_openvino(model_file: str, threads: int) -> Runner:
 
 
 def onnx_model(model_dir: str, out_dir: str) -> str:
-    """``model.onnx`` of an exported folder (``kdad.onnx_deploy.convert_to_onnx``), cached."""
-    from kdad.onnx_deploy import ONNX_FILENAME, convert_to_onnx
+    """``model.onnx`` of an exported folder (``kdad.deploy.onnx_runtime.convert_to_onnx``), cached."""
+    from kdad.deploy.onnx_runtime import ONNX_FILENAME, convert_to_onnx
 
     path = os.path.join(out_dir, ONNX_FILENAME)
     if os.path.isfile(path):
@@ -58,7 +58,7 @@ def onnx_model(model_dir: str, out_dir: str) -> str:
 
 
 def onnxruntime(onnx_file: str, threads: int) -> Runner:
-    from kdad.onnx_deploy import OnnxRunner
+    from kdad.deploy.onnx_runtime import OnnxRunner
 
     return OnnxRunner(onnx_file, threads).run
 
@@ -66,7 +66,7 @@ def onnxruntime(onnx_file: str, threads: int) -> Runner:
 def write_deploy_like(src_folder: str, dst_folder: str, engine: Dict[str, Any], note: str) -> None:
     """Give ``dst_folder`` (a hand-made heatmap model) a deploy.yaml: the exported heatmap model's,
     with its own engine section, so ``tools/infer.py`` and ``convert_to_onnx`` accept it."""
-    from kdad.export import load_deploy_config, write_deploy_config
+    from kdad.deploy.config import load_deploy_config, write_deploy_config
 
     deploy = dict(load_deploy_config(src_folder))
     deploy["engine"] = dict(engine)

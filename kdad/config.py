@@ -57,10 +57,29 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "cpu_threads": (int, 0, "CPU math threads of training and evaluation (0: all cores / processes)"),
     "progress_bar": (bool, True, "show a tqdm progress bar"),
     "average_from_epoch": (int, 0, "checkpoint averaging: first epoch counted (after convergence)"),
+    # --- the method and its backbone (methods other than KDAD; KDAD uses 'expert') ---
+    "method": (str, "kdad", "kdad | padim | patchcore (kdad.registry)"),
+    "backbone": (str, "efficientnet_lite0", "feature extractor of padim/patchcore: efficientnet_lite0 "
+                                            "(offline), resnet18, wide_resnet50_2 (weights file needed)"),
+    "backbone_pretrained": (bool, True, "ImageNet weights for the backbone (False: random init, saved with "
+                                        "the model; for tests)"),
+    "backbone_weights": (str, "", "ResNet/WRN ImageNet .pdparams (default: weights/<backbone>.pdparams)"),
+    "layers": (list, [], "backbone taps the method uses (empty: the method's default for the backbone)"),
+    "feature_dim": (int, 0, "PaDiM: channels kept at random (0: the paper's / backbone default)"),
+    "coreset_ratio": (float, 0.1, "PatchCore: fraction of training patches kept in the memory bank"),
+    "num_neighbors": (int, 9, "PatchCore: neighbours of the re-weighting of the image score (paper b=9)"),
+}
+
+# Defaults of a method that differ from the table above; a value from the config file or the
+# command line always wins.
+METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "padim": {"mvtec_img_size": 256, "num_epochs": 1, "batch_size": 32},
+    "patchcore": {"mvtec_img_size": 256, "num_epochs": 1, "batch_size": 32},
 }
 
 LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp", "feature_map")
 DATASET_NAMES = ("mvtec", "folder")
+METHOD_NAMES = ("kdad", "padim", "patchcore")  # kdad.registry.METHODS (tested to agree)
 
 
 class ConfigError(ValueError):
@@ -97,6 +116,11 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif kind is list:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return [str(item) for item in value]
     raise ConfigError(f"{source}: '{key}' must be {kind.__name__}, got {value!r} ({type(value).__name__})")
 
 
@@ -117,6 +141,7 @@ def load_config(
 ) -> Dict[str, Any]:
     """Defaults, then the YAML file, then ``overrides``; validated."""
     config = default_config()
+    explicit: Dict[str, Any] = {}
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"config file '{path}' does not exist")
@@ -128,8 +153,13 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of key: value")
         _merge(config, loaded, f"config file '{path}'")
+        explicit.update(loaded)
     if overrides:
         _merge(config, overrides, "command line")
+        explicit.update(overrides)
+    for key, value in METHOD_DEFAULTS.get(config["method"], {}).items():
+        if key not in explicit:
+            config[key] = value
     validate(config)
     return config
 
@@ -162,6 +192,10 @@ def validate(config: Mapping[str, Any]) -> None:
         (config["save_every"] >= 0, "save_every must be >= 0"),
         (config["eval_batch_size"] >= 1, "eval_batch_size must be >= 1"),
         (config["smoothgrad_samples"] >= 1, "smoothgrad_samples must be >= 1"),
+        (config["method"] in METHOD_NAMES, f"method must be one of {METHOD_NAMES}"),
+        (0 < config["coreset_ratio"] <= 1, "coreset_ratio must be in (0, 1]"),
+        (config["num_neighbors"] >= 1, "num_neighbors must be >= 1"),
+        (config["feature_dim"] >= 0, "feature_dim must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

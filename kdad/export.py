@@ -8,15 +8,15 @@ One checkpoint gives up to three static graphs (``paddle.jit.save``: ``model.jso
 * ``heatmap/``: outputs ``(scores [N], sum_c |d sum(scores) / d x| [N, S, S])``. The gradient of
   the *sum* of per-image scores makes each image's map independent of the batch. By default
   (``heatmap_backward="explicit"``) the backward pass is written out with forward ops
-  (:mod:`kdad.explicit_gradient`), so the graph converts to ONNX (onnxruntime runs it about twice
+  (:mod:`kdad.methods.kdad.explicit_gradient`), so the graph converts to ONNX (onnxruntime runs it about twice
   as fast as Paddle Inference); the export checks it against ``paddle.grad`` in the dynamic graph.
   Paddle Inference runs it with oneDNN off (oneDNN gives wrong maps for it in Paddle 3.3.1).
   ``heatmap_backward="autograd"`` takes the gradient inside the graph with ``paddle.grad``
   instead: that graph holds backward ops, so it does not convert to ONNX (paddle2onnx 2.1.0).
-  The Gaussian blur stays outside the graph (:func:`kdad.localization.blur`), so the deployed
-  map equals :func:`kdad.localization.raw_maps_from_gradients` of the dynamic model.
+  The Gaussian blur stays outside the graph (:func:`kdad.postprocess.blur`), so the deployed
+  map equals :func:`kdad.methods.kdad.localization.raw_maps_from_gradients` of the dynamic model.
 * ``feature_map/``: outputs ``(scores [N], feature distance map [N, S, S])``, the forward-only
-  map of :mod:`kdad.feature_maps`; also blurred outside the graph.
+  map of :mod:`kdad.methods.kdad.feature_maps`; also blurred outside the graph.
 
 The input is ``x``: ``float32 [N, 3, S, S]``, RGB in [0, 1] after an INTER_AREA resize to ``S``
 (:func:`kdad.data.io.preprocess`), no mean/std.
@@ -24,31 +24,34 @@ The input is ``x``: ``float32 [N, 3, S, S]``, RGB in [0, 1] after an INTER_AREA 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
 import paddle.nn as nn
-import yaml
 
 import kdad
-from kdad.explicit_gradient import ExplicitGradientGraph
-from kdad.feature_maps import feature_distance_map
-from kdad.localization import blur, channel_abs_sum, input_gradients, raw_maps_from_gradients
-from kdad.losses import per_image_distance
-from kdad.models.kdad_model import KDADModel
+from kdad.deploy.config import (
+    INPUT_NAME,
+    MODEL_FILENAME,
+    MODEL_KINDS,
+    MODEL_PREFIX,
+    PARAMS_FILENAME,
+    engine_support,
+    read_program_info,
+    write_deploy_config,
+)
+from kdad.methods.kdad.explicit_gradient import ExplicitGradientGraph
+from kdad.methods.kdad.feature_maps import feature_distance_map
+from kdad.methods.kdad.localization import channel_abs_sum, input_gradients, raw_maps_from_gradients
+from kdad.methods.kdad.loss import per_image_distance
+from kdad.methods.kdad.model import KDADModel
+from kdad.postprocess import blur
 from kdad.utils.checkpoint import NETWORK_KEYS, load_model
 
-MODEL_KINDS = ("score", "heatmap", "feature_map")
 HEATMAP_BACKWARDS = ("explicit", "autograd")
-MODEL_PREFIX = "model"
-MODEL_FILENAME = MODEL_PREFIX + ".json"
-PARAMS_FILENAME = MODEL_PREFIX + ".pdiparams"
-DEPLOY_FILENAME = "deploy.yaml"
-INPUT_NAME = "x"
 
 
 _SCORE = "per-image anomaly score (KDAD distance over the score taps)"
@@ -56,7 +59,7 @@ OUTPUTS = {  # (meaning, is a map) per output, in fetch order
     "score": [(_SCORE, False)],
     "heatmap": [(_SCORE, False), ("sum_c |d sum(scores) / d x| (blur outside the graph)", True)],
     "feature_map": [(_SCORE, False),
-                    ("per-position feature distance, kdad.feature_maps (blur outside the graph)", True)],
+                    ("per-position feature distance (KDAD feature_maps; blur outside the graph)", True)],
 }
 
 
@@ -86,7 +89,7 @@ class AutogradHeatmapGraph(nn.Layer):
 
 
 class FeatureMapGraph(nn.Layer):
-    """``x -> (scores [N], feature distance map [N, S, S])`` (:mod:`kdad.feature_maps`)."""
+    """``x -> (scores [N], feature distance map [N, S, S])`` (:mod:`kdad.methods.kdad.feature_maps`)."""
 
     def __init__(self, model: KDADModel, size: int) -> None:
         super().__init__()
@@ -100,106 +103,6 @@ class FeatureMapGraph(nn.Layer):
         maps = feature_distance_map(cloner_feats, expert_feats, m.score_taps, m.lamda,
                                     m.direction_only, self.size)
         return scores, maps
-
-
-# --- reading exported programs ----------------------------------------------------------------
-
-
-def _walk(node: Any):
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
-
-
-def read_program_info(model_file: str) -> Optional[Dict[str, Any]]:
-    """``{"inputs": {name: shape}, "ops": set of op names}`` of a PIR ``.json`` program.
-
-    Returns None for a legacy ``.pdmodel`` (protobuf) or an unparsable file.
-    """
-    if not model_file.endswith(".json"):
-        return None
-    try:
-        with open(model_file, encoding="utf-8") as handle:
-            program = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    inputs: Dict[str, List[int]] = {}
-    ops: Set[str] = set()
-    for node in _walk(program.get("program", {})):
-        op = node.get("#")
-        if not isinstance(op, str) or "A" not in node:
-            continue
-        ops.add(op.split(".", 1)[-1])
-        if op.endswith(".data"):
-            attrs = {a.get("N"): a.get("AT", {}).get("D") for a in node["A"] if isinstance(a, dict)}
-            if isinstance(attrs.get("name"), str) and isinstance(attrs.get("shape"), list):
-                inputs[attrs["name"]] = [int(v) for v in attrs["shape"]]
-    return {"inputs": inputs, "ops": ops}
-
-
-def engine_support(ops: Set[str]) -> Dict[str, Any]:
-    """Which engines a program can use, from its ops (facts verified on Paddle 3.3.1)."""
-    grad_ops = sorted(op for op in ops if op.endswith("_grad"))
-    interp_ops = sorted(op for op in ops if "interp" in op)
-    notes = []
-    if grad_ops:
-        notes.append("contains backward ops (input gradient): oneDNN fails on pool2d_grad in Paddle "
-                     "3.3.1 and paddle2onnx 2.1.0 aborts on *_grad ops")
-    if interp_ops:
-        notes.append("contains interpolation ops, which fail under oneDNN in Paddle 3.3.1 (#77340)")
-    return {"onednn": not grad_ops and not interp_ops, "onnx": not grad_ops,
-            "note": "; ".join(notes) or "forward only"}
-
-
-def load_deploy_config(folder: str) -> Dict[str, Any]:
-    """The ``Deploy`` mapping of ``<folder>/deploy.yaml`` (clear errors when missing or invalid)."""
-    path = os.path.join(folder, DEPLOY_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"'{path}' not found: every exported model folder holds a deploy.yaml (input size, "
-            "threshold, heatmap statistics); export the checkpoint with tools/export_model.py")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        raise ValueError(f"'{path}' is not valid YAML: {error}") from error
-    deploy = data.get("Deploy") if isinstance(data, dict) else None
-    required = ("kind", "input", "postprocess", "engine")
-    if not isinstance(deploy, dict) or any(key not in deploy for key in required):
-        raise ValueError(f"'{path}' is not a kdad deploy config (expected 'Deploy:' with {required})")
-    if deploy["kind"] not in MODEL_KINDS:
-        raise ValueError(f"'{path}': unknown model kind {deploy['kind']!r} (expected one of {MODEL_KINDS})")
-    return deploy
-
-
-class _Dumper(yaml.SafeDumper):
-    """Block style, except lists of scalars (shapes, taps) on one line."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(value is None or isinstance(value, (bool, int, float, str)) for value in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
-def write_deploy_config(folder: str, deploy: Mapping[str, Any]) -> str:
-    path = os.path.join(folder, DEPLOY_FILENAME)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("# kdad deploy config (PaddleSeg style); written by kdad.export\n")
-        yaml.dump({"Deploy": dict(deploy)}, handle, Dumper=_Dumper, sort_keys=False, width=100)
-    return path
-
-
-def input_size(deploy: Mapping[str, Any]) -> int:
-    """The square input size ``S`` of a deploy config."""
-    shape = deploy["input"]["shape"]
-    return int(shape[-1])
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -227,7 +130,7 @@ def compare_outputs(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> Op
 
 
 HEATMAP_ONEDNN_NOTE = (
-    "forward ops only (hand-written backward, kdad.explicit_gradient): converts to ONNX; oneDNN "
+    "forward ops only (hand-written backward, kdad.methods.kdad.explicit_gradient): converts to ONNX; oneDNN "
     "off because Paddle 3.3.1 with oneDNN gives wrong gradient maps for this program (layout "
     "problems, e.g. zero gradients after a max-pool with a 1x1 output)")
 
@@ -241,7 +144,7 @@ def held_out_map_statistics(kind: str, model: KDADModel, config: Mapping[str, An
                             ) -> Tuple[Optional[Dict], str]:
     """Normal statistics of the deployed (blurred) ``kind`` maps on the trainer's held-out normal images."""
     from kdad.engine.common import dataset, split_train
-    from kdad.metrics import normal_map_statistics
+    from kdad.postprocess import normal_map_statistics
 
     try:
         _, holdout = split_train(config)
@@ -313,7 +216,7 @@ def _deploy_config(kind: str, model: KDADModel, config: Mapping[str, Any], check
 def probe_onednn(model_file: str, params_file: str, probe: np.ndarray,
                  expected: Sequence[np.ndarray]) -> Tuple[bool, str]:
     """Run the saved model on ``probe`` in Paddle Inference with oneDNN on; compare to ``expected``."""
-    from kdad.inference import PredictorOptions, create_paddle_predictor
+    from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
 
     try:
         runner = create_paddle_predictor(model_file, params_file,
@@ -423,7 +326,7 @@ def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str
         deploy = _deploy_config(kind, model, config, checkpoint, model_path, engine, statistics)
         if backward:
             deploy["model_info"]["heatmap_backward"] = (
-                "explicit: hand-written backward with forward ops (kdad.explicit_gradient), checked "
+                "explicit: hand-written backward with forward ops (methods.kdad.explicit_gradient), checked "
                 "against paddle.grad at export" if backward == "explicit"
                 else "autograd: paddle.grad in the graph")
         write_deploy_config(folder, deploy)

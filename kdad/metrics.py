@@ -203,26 +203,3 @@ def compute_all(
         defective = known & (labels == 1)
         result["paper_localization_auc"] = paper_localization_auc(masks[defective], paper_maps[defective])
     return result
-
-
-def threshold_from_normal_scores(scores: np.ndarray, false_reject_rate: float = 0.01) -> float:
-    """OK/NG threshold from held-out normal scores: NG iff ``score > threshold``.
-
-    The ``1 - false_reject_rate`` quantile with ``method="higher"``, so at most that fraction of
-    the held-out normals is rejected.
-    """
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    if scores.size == 0:
-        raise ValueError("no normal scores to calibrate the threshold on")
-    if not 0.0 <= false_reject_rate < 1.0:
-        raise ValueError(f"false_reject_rate must be in [0, 1), got {false_reject_rate}")
-    return float(np.quantile(scores, 1.0 - false_reject_rate, method="higher"))
-
-
-def normal_map_statistics(maps: np.ndarray) -> Dict[str, float]:
-    """Percentiles (p50, p99, p99.9) and max of all pixels of normal-image maps, for colour scaling."""
-    values = np.asarray(maps, dtype=np.float64).ravel()
-    if values.size == 0:
-        raise ValueError("no normal maps to compute statistics on")
-    p50, p99, p999 = np.percentile(values, [50.0, 99.0, 99.9])
-    return {"p50": float(p50), "p99": float(p99), "p999": float(p999), "max": float(values.max())}

@@ -2,7 +2,7 @@
 
 Generic numpy-in / numpy-out helpers (no Paddle), shared by :mod:`kdad.engine.predictor` and the
 Paddle-Inference deploy code. Images are ``HxWx3`` ``uint8`` RGB; maps are ``HxW`` float *raw* maps
-(:func:`kdad.localization.localization_maps`' third output: blurred ``sum_c |grad|`` without
+(:func:`kdad.methods.kdad.localization.localization_maps`' third output: blurred ``sum_c |grad|`` without
 per-image scaling).
 
 Colour scaling is global, never per image: a map is scaled with fixed values ``low``/``high``

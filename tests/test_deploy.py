@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from kdad.data.io import preprocess, read_image
-from kdad.export import held_out_map_statistics, load_deploy_config, read_program_info
-from kdad.inference import (
+from kdad.deploy.config import load_deploy_config, read_program_info
+from kdad.deploy.runtime import (
     InferenceError,
     PredictorOptions,
     build_parser,
@@ -32,7 +32,8 @@ from kdad.inference import (
     resolve_model_files,
     run,
 )
-from kdad.localization import input_gradients, raw_maps_from_gradients
+from kdad.export import held_out_map_statistics
+from kdad.methods.kdad.localization import input_gradients, raw_maps_from_gradients
 from kdad.utils.autolog import AutoLogger, Times
 from kdad.utils.checkpoint import load_model
 
@@ -151,7 +152,7 @@ def test_score_model_parity_and_batch_independence(exported, reference, mkldnn: 
 def test_heatmap_model_parity_and_batch_independence(exported, exported_autograd, reference,
                                                      backward: str) -> None:
     """Deployed gradient maps (blurred outside the graph) equal the dynamic ``paddle.grad`` maps."""
-    from kdad.localization import blur
+    from kdad.postprocess import blur
 
     folder = exported["heatmap"] if backward == "explicit" else exported_autograd
     runner = _runner(folder, mkldnn=True)
@@ -168,7 +169,7 @@ def test_heatmap_model_parity_and_batch_independence(exported, exported_autograd
 
 
 def _numpy_feature_map(taps: Dict[int, Any], lamda: float, size: int) -> np.ndarray:
-    """Independent numpy statement of kdad.feature_maps (cos with Paddle's eps clamp)."""
+    """Independent numpy statement of kdad.methods.kdad.feature_maps (cos with Paddle's eps clamp)."""
     total = 0.0
     for cloner, expert in taps.values():
         c, e = cloner.astype(np.float64), expert.astype(np.float64)
@@ -361,8 +362,8 @@ def test_onnx_parity_via_scripts(trained, exported, exported_autograd, reference
 
 def test_onnx_heatmap_parity(exported, reference, tmp_path) -> None:
     """The explicit-backward heatmap converts to ONNX; onnxruntime gives the dynamic maps."""
-    from kdad.localization import blur
-    from kdad.onnx_deploy import OnnxRunner, convert_to_onnx
+    from kdad.deploy.onnx_runtime import OnnxRunner, convert_to_onnx
+    from kdad.postprocess import blur
 
     onnx_file = convert_to_onnx(exported["heatmap"], str(tmp_path / "heatmap_onnx"))
     scores, raw = OnnxRunner(onnx_file, 2).run(reference["x"])
@@ -372,7 +373,8 @@ def test_onnx_heatmap_parity(exported, reference, tmp_path) -> None:
 
 def test_feature_map_localization_method(reference) -> None:
     """``localization_method: feature_map`` evaluates the map the feature_map/ model deploys."""
-    from kdad.localization import blur, localization_maps
+    from kdad.methods.kdad.localization import localization_maps
+    from kdad.postprocess import blur
 
     sigma = reference["config"]["blur_sigma"]
     x = paddle.to_tensor(reference["x"])

@@ -21,12 +21,11 @@ import paddle
 import pytest
 from skimage import data as skdata
 
-import kdad.models.efficientnet_lite as effnet
-from kdad.models.cloner import Cloner
-from kdad.models.convert import convert_vgg16_state, vgg16_reference_shapes
-from kdad.models.experts import build_expert
-from kdad.models.kdad_model import check_taps_match
-from kdad.models.vgg import tap_geometry
+import kdad.backbones.efficientnet_lite as effnet
+from kdad.backbones.vgg import tap_geometry
+from kdad.methods.kdad.cloner import Cloner
+from kdad.methods.kdad.experts import build_expert, convert_vgg16_state, vgg16_reference_shapes
+from kdad.methods.kdad.model import check_taps_match
 from kdad.utils.torch_pickle import TorchPickleError, load_torch_pickle, load_torch_state_dict
 
 # --- a minimal torch.save writer (pickle protocol 2, written opcode by opcode) --------------------

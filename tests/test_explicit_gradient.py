@@ -1,4 +1,4 @@
-"""The hand-written backward (kdad.explicit_gradient) against Paddle's autograd.
+"""The hand-written backward (kdad.methods.kdad.explicit_gradient) against Paddle's autograd.
 
 ``paddle.grad`` in the dynamic graph is the independent reference: every layer's data gradient,
 the max-pool tie rule, guided backprop and the whole input-gradient map of both experts.
@@ -13,14 +13,14 @@ import paddle.nn.functional as F
 import pytest
 
 from kdad.config import load_config
-from kdad.explicit_gradient import (
+from kdad.methods.kdad.explicit_gradient import (
     ExplicitGradientGraph,
     conv_data_grad,
     maxpool2x2_grad,
     maxpool2x2_grad_unpool,
 )
-from kdad.localization import channel_abs_sum, guided_relus, input_gradients
-from kdad.models.kdad_model import build_model
+from kdad.methods.kdad.localization import channel_abs_sum, guided_relus, input_gradients
+from kdad.methods.kdad.model import build_model
 
 
 def _autograd_input_grad(layer, x: np.ndarray, upstream: np.ndarray) -> np.ndarray:
@@ -130,7 +130,7 @@ def test_relu_gradient_is_zero_at_zero_output() -> None:
     x = np.array([[[[-1.0, 0.0], [0.5, 2.0]]]], dtype=np.float32)
     upstream = np.ones_like(x)
     want = _autograd_input_grad(nn.ReLU(), x, upstream)
-    from kdad.explicit_gradient import relu_grad
+    from kdad.methods.kdad.explicit_gradient import relu_grad
 
     got = relu_grad(paddle.to_tensor(upstream), F.relu(paddle.to_tensor(x))).numpy()
     np.testing.assert_array_equal(got, want)

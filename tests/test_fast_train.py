@@ -1,4 +1,4 @@
-"""The fast training step (kdad.fast_train) gives the plain dynamic step's losses, weights and BN stats."""
+"""The fast training step (methods.kdad.fast_train) gives the dynamic step's losses, weights and BN stats."""
 
 import copy
 
@@ -7,8 +7,8 @@ import paddle
 import pytest
 
 from kdad.config import load_config
-from kdad.fast_train import FastTrainStep, cloner_state, compare_states, plain_step
-from kdad.models.kdad_model import build_model
+from kdad.methods.kdad.fast_train import FastTrainStep, cloner_state, compare_states, plain_step
+from kdad.methods.kdad.model import build_model
 
 SIZE = 32
 TOL = 1e-5

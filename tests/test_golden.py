@@ -16,13 +16,13 @@ import paddle
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kdad.localization import input_gradients, localization_maps
-from kdad.losses import per_image_distance, training_loss
+from kdad.backbones.vgg import CLONER_CFG_B
+from kdad.methods.kdad.cloner import Cloner
+from kdad.methods.kdad.experts import VGG16Expert
+from kdad.methods.kdad.localization import input_gradients, localization_maps
+from kdad.methods.kdad.loss import per_image_distance, training_loss
+from kdad.methods.kdad.model import KDADModel
 from kdad.metrics import image_auroc
-from kdad.models.cloner import Cloner
-from kdad.models.experts import VGG16Expert
-from kdad.models.kdad_model import KDADModel
-from kdad.models.vgg import CLONER_CFG_B
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "..", "shared", "golden", "kdad_reference_v1.npz")

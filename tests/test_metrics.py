@@ -16,11 +16,10 @@ from kdad.metrics import (
     compute_all,
     image_auroc,
     image_f1_max,
-    normal_map_statistics,
     paper_localization_auc,
     pixel_auroc,
-    threshold_from_normal_scores,
 )
+from kdad.postprocess import normal_map_statistics, threshold_from_normal_scores
 
 # --------------------------------------------------------------------------- references
 

@@ -14,12 +14,12 @@ import paddle
 import paddle.nn as nn
 import pytest
 
+from kdad.backbones.vgg import CLONER_CFG_A, CLONER_CFG_B
 from kdad.config import load_config
-from kdad.losses import per_image_distance, training_loss
-from kdad.models.cloner import Cloner
-from kdad.models.experts import VGG16Expert, build_expert
-from kdad.models.kdad_model import KDADModel, build_model, check_taps_match
-from kdad.models.vgg import CLONER_CFG_A, CLONER_CFG_B
+from kdad.methods.kdad.cloner import Cloner
+from kdad.methods.kdad.experts import VGG16Expert, build_expert
+from kdad.methods.kdad.loss import per_image_distance, training_loss
+from kdad.methods.kdad.model import KDADModel, build_model, check_taps_match
 
 SIZE = 64
 EXPERT_TAPS = [1, 4, 6, 9, 11, 13, 16, 18, 20, 23, 25, 27, 30]

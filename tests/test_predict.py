@@ -16,7 +16,7 @@ import pytest
 
 from kdad.data.io import preprocess, read_image
 from kdad.engine.predictor import predict
-from kdad.localization import localization_maps
+from kdad.methods.kdad.localization import localization_maps
 from kdad.utils.checkpoint import RANDOM_EXPERT_NAME, load_model
 from kdad.visualize import colorize, colour_range, compose_panel, draw_outline, overlay, scale_map
 

@@ -27,8 +27,8 @@ from kdad.engine import common
 from kdad.engine.common import dataset, score_images, split_train
 from kdad.engine.evaluator import evaluate_checkpoint, evaluate_model
 from kdad.engine.trainer import cache_expert_features, train
-from kdad.losses import training_loss
-from kdad.models.kdad_model import build_model
+from kdad.methods.kdad.loss import training_loss
+from kdad.methods.kdad.model import build_model
 from kdad.utils import checkpoint as ckpt
 from kdad.utils.checkpoint import atomic_save, load_checkpoint, load_model
 

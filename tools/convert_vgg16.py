@@ -6,7 +6,7 @@ Usage::
 
 torch is not needed: the ``.pth`` is read by :mod:`kdad.utils.torch_pickle`. Only the
 ``features.*`` keys are kept (the expert has no classifier); their shapes are checked against
-``kdad.models.experts.VGG16Expert``.
+``kdad.methods.kdad.experts.VGG16Expert``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kdad.models.convert import convert_vgg16_checkpoint  # noqa: E402
+from kdad.methods.kdad.experts import convert_vgg16_checkpoint  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -15,7 +15,7 @@ from kdad.cli import run_main  # noqa: E402
 
 
 def main(argv: List[str]) -> int:
-    from kdad.inference import main as infer_main
+    from kdad.deploy.runtime import main as infer_main
 
     return infer_main(argv)
 

@@ -15,7 +15,7 @@ from kdad.cli import run_main  # noqa: E402
 
 
 def main(argv: List[str]) -> int:
-    from kdad.onnx_deploy import convert_main
+    from kdad.deploy.onnx_runtime import convert_main
 
     return convert_main(argv)
 

@@ -15,7 +15,7 @@ from kdad.cli import run_main  # noqa: E402
 
 
 def main(argv: List[str]) -> int:
-    from kdad.onnx_deploy import infer_main
+    from kdad.deploy.onnx_runtime import infer_main
 
     return infer_main(argv)
 

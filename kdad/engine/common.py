@@ -11,7 +11,7 @@ import paddle
 
 from kdad.config import require_dataset
 from kdad.data import AnomalyDataset, Sample, list_folder, list_mvtec, split_holdout
-from kdad.models.kdad_model import KDADModel
+from kdad.methods.kdad.model import KDADModel
 
 
 def set_cpu_threads(threads: int, processes: int = 1) -> int:

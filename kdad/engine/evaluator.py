@@ -11,9 +11,9 @@ import numpy as np
 import paddle
 
 from kdad.engine.common import dataset, score_images, set_cpu_threads, test_samples
-from kdad.localization import localization_maps
+from kdad.methods.kdad.localization import localization_maps
+from kdad.methods.kdad.model import KDADModel
 from kdad.metrics import compute_all
-from kdad.models.kdad_model import KDADModel
 from kdad.utils.checkpoint import list_epoch_checkpoints, load_model
 
 METRIC_ORDER = ("image_auroc", "image_f1_max", "paper_localization_auc", "pixel_auroc", "aupro")

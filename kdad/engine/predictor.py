@@ -2,7 +2,7 @@
 
 The OK/NG threshold is the checkpoint's calibrated one (held-out normal training images) unless
 one is given; NG iff ``score > threshold``. Heatmaps are the raw gradient maps of
-:func:`kdad.localization.localization_maps` coloured with the fixed normal-image scale of
+:func:`kdad.methods.kdad.localization.localization_maps` coloured with the fixed normal-image scale of
 :mod:`kdad.visualize` (pixel threshold: ``map_statistics["p999"]`` unless given).
 
 Outputs in ``save_dir`` (or, if it already holds results of an earlier run, in the first free
@@ -22,7 +22,7 @@ import numpy as np
 import paddle
 
 from kdad.data.io import IMAGE_EXTENSIONS, ImageReadError, preprocess, read_image
-from kdad.localization import localization_maps
+from kdad.methods.kdad.localization import localization_maps
 from kdad.utils.checkpoint import load_model
 from kdad.visualize import colour_range, default_pixel_threshold, over_threshold, result_panel, save_rgb
 

@@ -12,10 +12,10 @@ import paddle.distributed as dist
 
 from kdad.config import dump_config
 from kdad.engine.common import dataset, score_images, seed_everything, set_cpu_threads, split_train
-from kdad.localization import localization_maps
-from kdad.losses import training_loss
-from kdad.metrics import normal_map_statistics, threshold_from_normal_scores
-from kdad.models.kdad_model import KDADModel, build_model, check_taps_match
+from kdad.methods.kdad.localization import localization_maps
+from kdad.methods.kdad.loss import training_loss
+from kdad.methods.kdad.model import KDADModel, build_model, check_taps_match
+from kdad.postprocess import normal_map_statistics, threshold_from_normal_scores
 from kdad.utils.checkpoint import (
     FINAL_NAME,
     LATEST_NAME,

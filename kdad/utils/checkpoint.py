@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import paddle
 
 from kdad.config import load_config
-from kdad.models.kdad_model import KDADModel, build_model
+from kdad.methods.kdad.model import KDADModel, build_model
 
 FINAL_NAME = "model_final.pdparams"
 LATEST_NAME = "checkpoint_latest.pdparams"

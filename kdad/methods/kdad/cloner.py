@@ -7,7 +7,7 @@ from typing import List, Sequence
 import paddle
 import paddle.nn as nn
 
-from kdad.models.vgg import CfgItem, make_vgg_layers, run_taps
+from kdad.backbones.vgg import CfgItem, make_vgg_layers, run_taps
 
 
 class Cloner(nn.Layer):

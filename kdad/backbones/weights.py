@@ -1,4 +1,4 @@
-"""Convert PyTorch checkpoints (read without torch) into Paddle state dicts.
+"""Backbone weights: torch checkpoints read without torch, shape checks, atomic saves, the cache.
 
 Conv weights are OIHW in both frameworks and copied as they are; only ``nn.Linear`` weights would
 need a transpose (torch ``[out, in]``, Paddle ``[in, out]``), and the VGG16 expert keeps no
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import List, Mapping, Sequence
 
 import numpy as np
 import paddle
-
-from kdad.utils.torch_pickle import load_torch_state_dict
 
 
 def check_state_shapes(
@@ -50,23 +48,6 @@ def save_state_atomic(state: Mapping[str, np.ndarray], path: str) -> None:
         raise
 
 
-def vgg16_reference_shapes() -> Dict[str, Tuple[int, ...]]:
-    """Keys and shapes of :class:`kdad.models.experts.VGG16Expert`'s state dict."""
-    from kdad.models.experts import VGG16Expert
-
-    return {key: tuple(value.shape) for key, value in VGG16Expert().state_dict().items()}
-
-
-def convert_vgg16_state(torch_state: Mapping[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
-    """Keep torchvision's ``features.N.weight/bias`` (unchanged: OIHW in both) and check their shapes."""
-    state = {key: np.asarray(value, dtype=np.float32) for key, value in torch_state.items()
-             if key.startswith("features.")}
-    check_state_shapes(state, vgg16_reference_shapes(), source)
-    return state
-
-
-def convert_vgg16_checkpoint(src: str, dst: str) -> Dict[str, Tuple[int, ...]]:
-    """Convert torchvision's ``vgg16-*.pth`` into the Paddle file ``dst``; return the written shapes."""
-    state = convert_vgg16_state(load_torch_state_dict(src), src)
-    save_state_atomic(state, dst)
-    return {key: tuple(value.shape) for key, value in state.items()}
+def cache_dir() -> str:
+    """``$KDAD_CACHE_DIR``, else ``~/.cache/kdad``."""
+    return os.environ.get("KDAD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kdad")

@@ -1,6 +1,6 @@
 """Per-position feature distance map: a fast, forward-only heatmap for deployment.
 
-The map spreads the KDAD distance of :mod:`kdad.losses` over positions instead of whole taps.
+The map spreads the KDAD distance of :mod:`kdad.methods.kdad.loss` over positions instead of whole taps.
 For every score tap ``t`` with cloner activation ``c_t`` and expert activation ``e_t``
 (``[N, C_t, h_t, w_t]``, stride ``r_t = S / h_t``) and every position ``(i, j)``::
 
@@ -18,7 +18,7 @@ fails under oneDNN in Paddle 3.3.1).
 Relation to the score: the spatial mean of a tap's MSE map is that tap's MSE term, while the cosine
 is taken per position (the score takes it over the whole flattened tap), so the map is a
 localisation of the score, not a decomposition of it. Blur (``blur_sigma``) is applied outside the
-graph, as for gradient maps, with :func:`kdad.localization.blur`.
+graph, as for gradient maps, with :func:`kdad.postprocess.blur`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Sequence
 
 import paddle
 
-from kdad.losses import cosine_mse_distance
+from kdad.methods.kdad.loss import cosine_mse_distance
 
 
 def upsample_blocks(maps: paddle.Tensor, size: int) -> paddle.Tensor:

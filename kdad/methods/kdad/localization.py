@@ -2,7 +2,7 @@
 
 Three methods, as in the original code: ``gradients`` (vanilla backprop, the paper's default),
 ``smooth_grad`` and ``gbp`` (guided backprop through the cloner's ReLUs). All differentiate
-:meth:`KDADModel.score`, i.e. the single distance of :mod:`kdad.losses`.
+:meth:`KDADModel.score`, i.e. the single distance of :mod:`kdad.methods.kdad.loss`.
 
 Two kinds of map are produced from the input gradient ``g``:
 
@@ -20,9 +20,9 @@ from typing import Iterator, List, Tuple
 import numpy as np
 import paddle
 import paddle.nn as nn
-from scipy.ndimage import gaussian_filter
 
-from kdad.models.kdad_model import KDADModel
+from kdad.methods.kdad.model import KDADModel
+from kdad.postprocess import blur
 
 
 def channel_abs_sum(grads: np.ndarray) -> np.ndarray:
@@ -38,13 +38,6 @@ def normalize_per_image(maps: np.ndarray) -> np.ndarray:
     span = np.where(high - low > 0, high - low, 1.0)
     scaled = (maps - low[:, None, None]) / span[:, None, None]
     return np.clip(scaled, 0.0, 1.0)
-
-
-def blur(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of each [H,W] map (scipy defaults: reflect border, truncate 4 sigma)."""
-    if sigma <= 0:
-        return maps.astype(np.float32)
-    return np.stack([gaussian_filter(m.astype(np.float64), sigma=sigma) for m in maps]).astype(np.float32)
 
 
 def paper_maps_from_gradients(grads: np.ndarray, sigma: float = 4.0) -> np.ndarray:
@@ -154,8 +147,8 @@ def localization_maps(
         guided = normalize_per_image(channel_abs_sum(grads))
         return scores, blur(_min_max(guided), sigma), blur(channel_abs_sum(grads), sigma)
     if method == "feature_map":  # forward only: the map of the exported feature_map/ model
-        from kdad.feature_maps import feature_distance_map
-        from kdad.losses import per_image_distance
+        from kdad.methods.kdad.feature_maps import feature_distance_map
+        from kdad.methods.kdad.loss import per_image_distance
 
         with paddle.no_grad():
             cloner_feats, expert_feats = model.features(images)

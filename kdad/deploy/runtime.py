@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from kdad.data.io import IMAGE_EXTENSIONS, ImageReadError, preprocess, read_image
-from kdad.export import (
+from kdad.deploy.config import (
     DEPLOY_FILENAME,
     INPUT_NAME,
     MODEL_KINDS,
@@ -35,7 +35,7 @@ from kdad.export import (
     load_deploy_config,
     read_program_info,
 )
-from kdad.localization import blur
+from kdad.postprocess import blur
 from kdad.visualize import colorize, colour_range, default_pixel_threshold, overlay, result_panel, save_rgb
 
 MODEL_CANDIDATES = (("model.json", "model.pdiparams"), ("inference.json", "inference.pdiparams"),

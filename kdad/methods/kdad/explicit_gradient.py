@@ -19,16 +19,16 @@ How each layer's gradient is written:
   (:class:`BackwardWeights`);
 * ReLU / ReLU6: multiply by the mask computed from the forward output, exactly as Paddle's
   ``relu_grad`` (``out > 0``) and ``relu6_grad`` (``0 < out < 6``) do; guided backprop
-  (``gbp``, cloner ReLUs only, as :func:`kdad.localization.guided_relus`) also clips the
+  (``gbp``, cloner ReLUs only, as :func:`kdad.methods.kdad.localization.guided_relus`) also clips the
   incoming gradient at 0;
 * 2x2/2 max-pool: the gradient goes to the *first* maximum of each window in row-major order,
   the tie rule of Paddle's ``pool2d_grad`` (checked in the tests); built from strided slices,
   comparisons and a reshape (no ``F.interpolate``, which fails under oneDNN in 3.3.1);
-* the KDAD distance of :mod:`kdad.losses` (``(1 - cos) + lamda * MSE`` per flattened tap, the
+* the KDAD distance of :mod:`kdad.methods.kdad.loss` (``(1 - cos) + lamda * MSE`` per flattened tap, the
   cosine exactly as ``F.cosine_similarity``: ``w12 / sqrt(clip(w1 * w2, eps^2))``) differentiated
   in closed form.
 
-Scores come from :func:`kdad.losses.per_image_distance` itself. The graph returns the same pair as
+Scores come from :func:`kdad.methods.kdad.loss.per_image_distance` itself. The graph returns the same pair as
 ``kdad.export.AutogradHeatmapGraph``: ``(scores [N], sum_c |d sum(scores) / d x| [N, S, S])``.
 ``tests/test_explicit_gradient.py`` and every export check it against ``paddle.grad``. Supported
 networks: VGG-style ``nn.Sequential`` stacks (the VGG16 expert and every cloner) and the
@@ -43,10 +43,10 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from kdad.losses import per_image_distance
-from kdad.models.kdad_model import KDADModel
+from kdad.methods.kdad.loss import per_image_distance
+from kdad.methods.kdad.model import KDADModel
 
-COSINE_EPS = 1e-8  # the default eps of F.cosine_similarity, used by kdad.losses
+COSINE_EPS = 1e-8  # the default eps of F.cosine_similarity, used by kdad.methods.kdad.loss
 
 Backward = Callable[[paddle.Tensor], paddle.Tensor]
 
@@ -229,7 +229,7 @@ def _add(a: Optional[paddle.Tensor], b: Optional[paddle.Tensor]) -> Optional[pad
 
 def sequential_forward(features: nn.Sequential, taps: Sequence[int], x: paddle.Tensor,
                        last_tap: Optional[int] = None):
-    """``run_taps`` of :mod:`kdad.models.vgg` that also records what the backward needs.
+    """``run_taps`` of :mod:`kdad.backbones.vgg` that also records what the backward needs.
 
     Returns ``(tap outputs, records)``; stops after layer ``taps[last_tap]`` (default: the last).
     """
@@ -316,7 +316,7 @@ def efficientnet_conv_bn_pairs(expert) -> List[Tuple[nn.Conv2D, Optional[nn.Batc
 
 def efficientnet_forward(expert, x: paddle.Tensor):
     """Taps of :class:`EfficientNetLite0Expert` plus a record for :func:`efficientnet_backward`."""
-    from kdad.models.efficientnet_lite import normalize_input
+    from kdad.backbones.efficientnet_lite import normalize_input
 
     backbone = expert.backbone
     feats: Dict[str, paddle.Tensor] = {}
@@ -344,7 +344,7 @@ def efficientnet_forward(expert, x: paddle.Tensor):
 
 def efficientnet_backward(expert, record, tap_grads: Dict[int, paddle.Tensor],
                           weights: Optional[BackwardWeights] = None) -> paddle.Tensor:
-    from kdad.models.efficientnet_lite import INPUT_STD
+    from kdad.backbones.efficientnet_lite import INPUT_STD
 
     stem, blocks, head = record
     named = {expert.tap_names[t]: g for t, g in tap_grads.items()}

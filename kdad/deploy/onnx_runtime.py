@@ -4,7 +4,7 @@ Conversion runs paddle2onnx 2.1.0 in a *subprocess*: on an unsupported op (any `
 gradient heatmap model) it aborts the whole process with SIGABRT. ``--optimize_tool None`` is
 always passed (the default, polygraphy, pip-installs packages at run time). The result is
 ``model.onnx`` plus a copy of the ``deploy.yaml`` (with an ``onnx`` section) in the output folder.
-onnxruntime then runs it with the same preprocessing and result files as :mod:`kdad.inference`.
+onnxruntime then runs it with the same preprocessing and result files as :mod:`kdad.deploy.runtime`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from kdad.export import DEPLOY_FILENAME, MODEL_KINDS, input_size, load_deploy_config, write_deploy_config
-from kdad.inference import (
+from kdad.deploy.config import (
+    DEPLOY_FILENAME,
+    MODEL_KINDS,
+    input_size,
+    load_deploy_config,
+    write_deploy_config,
+)
+from kdad.deploy.runtime import (
     InferenceError,
     info,
     make_autologger,

@@ -1,7 +1,7 @@
-"""The exportable KDAD model: expert + cloner + the distance of :mod:`kdad.losses`.
+"""The exportable KDAD model: expert + cloner + the distance of :mod:`kdad.methods.kdad.loss`.
 
 Kept apart from the training loop (as Anomalib keeps ``torch_model.py`` apart from its Lightning
-module): ``forward`` returns per-image anomaly scores; :class:`kdad.localization` and
+module): ``forward`` returns per-image anomaly scores; :class:`kdad.methods.kdad.localization` and
 :mod:`kdad.export` reuse :meth:`KDADModel.score` for maps and static graphs.
 """
 
@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import paddle
 import paddle.nn as nn
 
-from kdad.losses import per_image_distance, training_loss
-from kdad.models.cloner import Cloner
-from kdad.models.experts import Expert, build_expert
-from kdad.models.vgg import tap_geometry
+from kdad.backbones.vgg import tap_geometry
+from kdad.methods.kdad.cloner import Cloner
+from kdad.methods.kdad.experts import Expert, build_expert
+from kdad.methods.kdad.loss import per_image_distance, training_loss
 
 
 class KDADModel(nn.Layer):

