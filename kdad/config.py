@@ -86,6 +86,13 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
 
 
+class Config(dict):
+    """A validated configuration; :attr:`explicit` names the keys set by a file or the command line
+    (the rest are defaults), so a checkpoint can tell a requested value from a default one."""
+
+    explicit: frozenset = frozenset()
+
+
 def default_config() -> Dict[str, Any]:
     return {key: copy.deepcopy(default) for key, (_, default, _) in SCHEMA.items()}
 
@@ -138,7 +145,7 @@ def parse_overrides(items: Optional[Iterable[str]]) -> Dict[str, Any]:
 def load_config(
     path: Optional[str] = None,
     overrides: Optional[Mapping[str, Any]] = None,
-) -> Dict[str, Any]:
+) -> Config:
     """Defaults, then the YAML file, then ``overrides``; validated."""
     config = default_config()
     explicit: Dict[str, Any] = {}
@@ -161,7 +168,9 @@ def load_config(
         if key not in explicit:
             config[key] = value
     validate(config)
-    return config
+    result = Config(config)
+    result.explicit = frozenset(explicit)
+    return result
 
 
 def _merge(config: Dict[str, Any], values: Mapping[str, Any], source: str) -> None:

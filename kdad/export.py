@@ -35,8 +35,8 @@ import paddle.nn as nn
 import kdad
 from kdad.deploy.config import (
     INPUT_NAME,
+    KDAD_KINDS,
     MODEL_FILENAME,
-    MODEL_KINDS,
     MODEL_PREFIX,
     PARAMS_FILENAME,
     engine_support,
@@ -49,7 +49,7 @@ from kdad.methods.kdad.localization import channel_abs_sum, input_gradients, raw
 from kdad.methods.kdad.loss import per_image_distance
 from kdad.methods.kdad.model import KDADModel
 from kdad.postprocess import blur
-from kdad.utils.checkpoint import NETWORK_KEYS, load_model
+from kdad.utils.checkpoint import NETWORK_KEYS, check_requested, explicit_values, load_model
 
 HEATMAP_BACKWARDS = ("explicit", "autograd")
 
@@ -58,6 +58,8 @@ _SCORE = "per-image anomaly score (KDAD distance over the score taps)"
 OUTPUTS = {  # (meaning, is a map) per output, in fetch order
     "score": [(_SCORE, False)],
     "heatmap": [(_SCORE, False), ("sum_c |d sum(scores) / d x| (blur outside the graph)", True)],
+    "anomaly_map": [("per-image anomaly score of the method", False),
+                    ("per-pixel anomaly map of the method (blurred inside the graph)", True)],
     "feature_map": [(_SCORE, False),
                     ("per-position feature distance (KDAD feature_maps; blur outside the graph)", True)],
 }
@@ -108,7 +110,9 @@ class FeatureMapGraph(nn.Layer):
 # --- export ----------------------------------------------------------------------------------
 
 
-def _graph(kind: str, model: KDADModel, size: int, heatmap_backward: str = "explicit") -> nn.Layer:
+def _graph(kind: str, model: Any, size: int, heatmap_backward: str = "explicit") -> nn.Layer:
+    if kind == "anomaly_map":
+        return model
     if kind == "score":
         return ScoreGraph(model)
     if kind == "heatmap":
@@ -172,7 +176,21 @@ def held_out_map_statistics(kind: str, model: KDADModel, config: Mapping[str, An
             "computed at export")
 
 
-def _deploy_config(kind: str, model: KDADModel, config: Mapping[str, Any], checkpoint: Mapping[str, Any],
+def _model_info(model: Any, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """What the exported network is: the method and its backbone, and the method's settings."""
+    if config["method"] == "kdad":
+        return {"method": "kdad", "backbone": config["expert"], "expert": config["expert"],
+                "pretrain": bool(config["pretrain"]), "score_taps": [int(t) for t in model.score_taps],
+                "lamda": float(model.lamda), "direction_only": bool(model.direction_only)}
+    info = {"method": config["method"], "backbone": config["backbone"],
+            "pretrain": bool(config["backbone_pretrained"]), "layers": list(model.backbone.taps)}
+    describe = getattr(model, "describe", None)
+    if callable(describe):
+        info.update(describe())
+    return info
+
+
+def _deploy_config(kind: str, model: Any, config: Mapping[str, Any], checkpoint: Mapping[str, Any],
                    model_path: str, engine: Mapping[str, Any],
                    statistics: Tuple[Optional[Dict], str]) -> Dict[str, Any]:
     size = int(config["mvtec_img_size"])
@@ -192,13 +210,10 @@ def _deploy_config(kind: str, model: KDADModel, config: Mapping[str, Any], check
         "outputs": [{"name": f"fetch_name_{i}", "meaning": meaning,
                      "shape": [-1, size, size] if is_map else [-1]}
                     for i, (meaning, is_map) in enumerate(OUTPUTS[kind])],
-        "model_info": {
-            "expert": config["expert"], "pretrain": bool(config["pretrain"]),
-            "score_taps": [int(t) for t in model.score_taps], "lamda": float(model.lamda),
-            "direction_only": bool(model.direction_only),
-        },
+        "model_info": _model_info(model, config),
         "postprocess": {
-            "blur_sigma": float(config["blur_sigma"]) if kind != "score" else None,
+            "blur_sigma": float(config["blur_sigma"]) if kind in ("heatmap", "feature_map") else None,
+            "blur_in_graph": float(config["blur_sigma"]) if kind == "anomaly_map" else None,
             "threshold": None if threshold is None else float(threshold),
             "threshold_source": (f"calibration: {calibration.get('holdout_images')} held-out normal "
                                  f"images, false reject rate {calibration.get('false_reject_rate')}"
@@ -234,7 +249,7 @@ def _warn(message: str) -> None:
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
-def _checked_graph(kind: str, model: KDADModel, size: int, heatmap_backward: Optional[str],
+def _checked_graph(kind: str, model: Any, size: int, heatmap_backward: Optional[str],
                    probe: Optional[np.ndarray]) -> Tuple[nn.Layer, Optional[List[np.ndarray]]]:
     """The graph of ``kind`` in eval mode and its dynamic-graph outputs on ``probe`` (the reference
     the saved model is checked against). An explicit-backward heatmap graph must equal ``paddle.grad``
@@ -269,8 +284,13 @@ def _checked_graph(kind: str, model: KDADModel, size: int, heatmap_backward: Opt
     return graph, [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
 
 
+def default_kinds(method: str) -> Tuple[str, ...]:
+    """The graphs a method exports: KDAD's three kinds, one ``anomaly_map`` graph for the others."""
+    return KDAD_KINDS if method == "kdad" else ("anomaly_map",)
+
+
 def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str, Any]] = None,
-                 kinds: Sequence[str] = MODEL_KINDS, probe: bool = True,
+                 kinds: Optional[Sequence[str]] = None, probe: bool = True,
                  expected_config: Optional[Mapping[str, Any]] = None,
                  heatmap_backward: str = "explicit") -> Dict[str, str]:
     """Export ``kinds`` of checkpoint ``model_path`` to ``<save_dir>/<kind>/``; returns kind -> folder.
@@ -280,12 +300,16 @@ def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str
     Network keys of ``overrides`` or ``expected_config`` (e.g. a ``--config`` file) that differ
     from the checkpoint are reported and ignored.
     """
-    unknown = [kind for kind in kinds if kind not in MODEL_KINDS]
-    if unknown:
-        raise ValueError(f"unknown model kind(s) {unknown}; choose from {MODEL_KINDS}")
     if heatmap_backward not in HEATMAP_BACKWARDS:
         raise ValueError(f"unknown heatmap_backward {heatmap_backward!r}; choose from {HEATMAP_BACKWARDS}")
     model, checkpoint, config = load_model(model_path, overrides)
+    check_requested(model_path, checkpoint, explicit_values(expected_config))
+    allowed = default_kinds(config["method"])
+    kinds = list(kinds) if kinds else list(allowed)
+    unknown = [kind for kind in kinds if kind not in allowed]
+    if unknown:
+        raise ValueError(f"model kind(s) {unknown} do not exist for the {config['method']} model of "
+                         f"'{model_path}'; choose from {list(allowed)}")
     requested = {**dict(expected_config or {}), **dict(overrides or {})}
     for key in NETWORK_KEYS:
         if key in requested and key != "expert_weights" and requested[key] != config.get(key):
@@ -316,7 +340,10 @@ def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str
             engine["onednn"], engine["onednn_check"] = probe_onednn(
                 model_file, os.path.join(folder, PARAMS_FILENAME), probe_input, expected)
         same_blur = float(checkpoint["config"].get("blur_sigma", -1)) == float(config["blur_sigma"])
-        if kind == "heatmap" and calibration.get("map_statistics") and same_blur:
+        if kind == "anomaly_map":
+            statistics = (calibration.get("map_statistics"), "calibration of the checkpoint: the model's "
+                          "maps of held-out normal training images")
+        elif kind == "heatmap" and calibration.get("map_statistics") and same_blur:
             statistics = (calibration["map_statistics"], "calibration of the checkpoint: blurred raw "
                           "gradient maps of held-out normal training images")
         elif kind != "score":

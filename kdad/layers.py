@@ -84,5 +84,6 @@ def resize_maps(maps: paddle.Tensor, size: int, mode: str = "bilinear",
 
 
 def image_max(maps: paddle.Tensor) -> paddle.Tensor:
-    """Per-image maximum of ``[N, H, W]`` maps: ``[N]``."""
-    return paddle.amax(maps.reshape([maps.shape[0], -1]), axis=1)
+    """Per-image maximum of ``[N, H, W]`` maps: ``[N]`` (``paddle.max``: paddle2onnx 2.1.0 aborts on
+    ``amax``)."""
+    return paddle.max(maps.reshape([maps.shape[0], -1]), axis=1)

@@ -10,7 +10,7 @@ from kdad.cli import base_parser, config_from_args, run_main  # noqa: E402
 
 
 def main(argv: List[str]) -> int:
-    parser = base_parser("Evaluate KDAD on the test split; writes logs/<class>_val.log and .json.")
+    parser = base_parser("Evaluate a model on the test split; writes the val log (.log and .json).")
     parser.add_argument("--model_path", default=None, help="checkpoint (model_final.pdparams)")
     parser.add_argument("--average_checkpoints", action="store_true",
                         help="report the mean over periodic checkpoints from average_from_epoch (paper)")

@@ -1,4 +1,6 @@
-"""Train KDAD on one class: python tools/train.py --config CFG --dataset_root DIR --normal_class NAME"""
+"""Train or fit one class:
+python tools/train.py --config CFG --dataset_root DIR --normal_class NAME [-o method=padim]
+"""
 
 import os
 import sys
@@ -10,7 +12,8 @@ from kdad.cli import base_parser, config_from_args, run_main  # noqa: E402
 
 
 def main(argv: List[str]) -> int:
-    args = base_parser("Train the KDAD cloner on normal images of one class.").parse_args(argv)
+    parser = base_parser("Train (KDAD) or fit (PaDiM, PatchCore) a model on normal images of one class.")
+    args = parser.parse_args(argv)
     config = config_from_args(args)
     from kdad.engine.trainer import train
 

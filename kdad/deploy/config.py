@@ -11,7 +11,11 @@ from typing import Any, Dict, List, Mapping, Optional, Set
 
 import yaml
 
-MODEL_KINDS = ("score", "heatmap", "feature_map")
+# KDAD exports up to three graphs; every other method one ``anomaly_map`` graph (its whole scorer:
+# image in, score and blurred map out).
+KDAD_KINDS = ("score", "heatmap", "feature_map")
+MODEL_KINDS = KDAD_KINDS + ("anomaly_map",)
+MAP_KINDS = ("heatmap", "feature_map", "anomaly_map")
 MODEL_PREFIX = "model"
 MODEL_FILENAME = MODEL_PREFIX + ".json"
 PARAMS_FILENAME = MODEL_PREFIX + ".pdiparams"

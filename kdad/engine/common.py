@@ -11,7 +11,6 @@ import paddle
 
 from kdad.config import require_dataset
 from kdad.data import AnomalyDataset, Sample, list_folder, list_mvtec, split_holdout
-from kdad.methods.kdad.model import KDADModel
 
 
 def set_cpu_threads(threads: int, processes: int = 1) -> int:
@@ -57,8 +56,42 @@ def dataset(samples: List[Sample], config: Mapping[str, Any]) -> AnomalyDataset:
     return AnomalyDataset(samples, int(config["mvtec_img_size"]))
 
 
+def class_name(config: Mapping[str, Any]) -> str:
+    return config["normal_class"] or "folder"
+
+
+def class_dir(config: Mapping[str, Any]) -> str:
+    """Where a run's checkpoints go: ``<save_dir>/<class>`` for KDAD (as always), and
+    ``<save_dir>/<method>/<class>`` for the other methods, so methods never share files."""
+    if config["method"] == "kdad":
+        return os.path.join(config["save_dir"], class_name(config))
+    return os.path.join(config["save_dir"], config["method"], class_name(config))
+
+
+def log_path(config: Mapping[str, Any], kind: str) -> str:
+    """``<log_dir>/<class>_<kind>.log`` for KDAD, ``<log_dir>/<method>/<class>_<kind>.log`` otherwise."""
+    folder = config["log_dir"] if config["method"] == "kdad" else os.path.join(config["log_dir"],
+                                                                                 config["method"])
+    return os.path.join(folder, f"{class_name(config)}_{kind}.log")
+
+
 @paddle.no_grad()
-def score_images(model: KDADModel, images: np.ndarray, batch_size: int) -> np.ndarray:
+def predict_maps(model: Any, images: np.ndarray, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(scores [N], maps [N, S, S])`` of a method's exportable model, computed in batches."""
+    model.eval()
+    scores, maps = [], []
+    for start in range(0, len(images), batch_size):
+        s, m = model(paddle.to_tensor(images[start:start + batch_size]))
+        scores.append(s.numpy())
+        maps.append(m.numpy())
+    if not scores:
+        size = images.shape[-1] if images.ndim == 4 else 0
+        return np.zeros(0, np.float32), np.zeros((0, size, size), np.float32)
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+@paddle.no_grad()
+def score_images(model: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Anomaly scores of ``images`` [N,3,H,W] in [0, 1], computed in batches."""
     model.eval()
     scores = [model.score(paddle.to_tensor(images[i:i + batch_size])).numpy()

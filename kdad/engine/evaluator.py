@@ -10,22 +10,38 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import paddle
 
-from kdad.engine.common import dataset, score_images, set_cpu_threads, test_samples
+from kdad.engine.common import (
+    class_dir,
+    class_name,
+    dataset,
+    log_path,
+    predict_maps,
+    score_images,
+    set_cpu_threads,
+    test_samples,
+)
 from kdad.methods.kdad.localization import localization_maps
-from kdad.methods.kdad.model import KDADModel
 from kdad.metrics import compute_all
 from kdad.utils.checkpoint import list_epoch_checkpoints, load_model
 
 METRIC_ORDER = ("image_auroc", "image_f1_max", "paper_localization_auc", "pixel_auroc", "aupro")
 
 
-def evaluate_model(model: KDADModel, config: Mapping[str, Any]) -> Dict[str, Any]:
+def evaluate_model(model: Any, config: Mapping[str, Any]) -> Dict[str, Any]:
     """Metrics of ``model`` on the test split of ``config`` (no threshold is chosen here)."""
     data = dataset(test_samples(config), config)
     images, labels = data.images(), data.labels
     batch = int(config["eval_batch_size"])
     t0 = time.time()
-    if not config["localization_test"]:
+    if config["method"] != "kdad":
+        scores, maps = predict_maps(model, images, batch)
+        has_mask = data.has_masks.astype(bool)
+        if config["dataset_name"] == "folder" or not config["localization_test"] \
+                or not has_mask[labels == 1].any():
+            metrics = compute_all(labels, scores)
+        else:
+            metrics = compute_all(labels, scores, masks=data.masks(), maps=maps, has_mask=has_mask)
+    elif not config["localization_test"]:
         scores = score_images(model, images, batch)
         metrics = compute_all(labels, scores)
     else:
@@ -62,15 +78,22 @@ def evaluate_model(model: KDADModel, config: Mapping[str, Any]) -> Dict[str, Any
 
 def write_val_log(config: Mapping[str, Any], result: Mapping[str, Any], model_desc: str) -> str:
     """Write ``logs/<class>_val.log`` (one ``key: value`` per line) and its JSON twin."""
-    name = config["normal_class"] or "folder"
-    os.makedirs(config["log_dir"], exist_ok=True)
-    path = os.path.join(config["log_dir"], f"{name}_val.log")
+    name = class_name(config)
+    path = log_path(config, "val")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    kdad = config["method"] == "kdad"
     lines = [
         f"class: {name}",
+        f"method: {config['method']}",
         f"model: {model_desc}",
-        f"expert: {config['expert']}",
-        f"pretrain: {config['pretrain']}",
-        f"localization_method: {config['localization_method'] if config['localization_test'] else 'none'}",
+        f"backbone: {config['expert'] if kdad else config['backbone']}",
+        f"pretrain: {config['pretrain'] if kdad else config['backbone_pretrained']}",
+    ]
+    if kdad:
+        lines.append(f"expert: {config['expert']}")
+    map_kind = config["localization_method"] if kdad else "anomaly_map"
+    lines += [
+        f"localization_method: {map_kind if config['localization_test'] else 'none'}",
         f"image_size: {config['mvtec_img_size']}",
         f"test_images: {result['num_test_images']}",
         f"defective_images: {result['num_defective']}",
@@ -83,7 +106,10 @@ def write_val_log(config: Mapping[str, Any], result: Mapping[str, Any], model_de
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     summary = {key: value for key, value in result.items() if key not in ("scores", "labels", "files")}
-    summary.update({"class": name, "model": model_desc, "expert": config["expert"]})
+    summary.update({"class": name, "method": config["method"], "model": model_desc,
+                    "backbone": config["expert"] if kdad else config["backbone"]})
+    if kdad:
+        summary["expert"] = config["expert"]
     with open(path[:-4] + ".json", "w", encoding="utf-8") as handle:
         json.dump({**summary, "per_image": [
             {"file": f, "label": int(lab), "score": float(s)}
@@ -122,8 +148,7 @@ def run_test(config: Mapping[str, Any], model_path: Optional[str], average: bool
     """Evaluate and write the val logs; returns the result."""
     set_cpu_threads(int(config["cpu_threads"]))
     if average:
-        folder = model_path if model_path and os.path.isdir(model_path) else os.path.join(
-            config["save_dir"], config["normal_class"])
+        folder = model_path if model_path and os.path.isdir(model_path) else class_dir(config)
         result = evaluate_average(folder, config, int(config["average_from_epoch"]))
         epochs = result["averaged_epochs"]
         desc = (f"average of {len(epochs)} checkpoints, epochs {epochs[0]}..{epochs[-1]} "

@@ -1,9 +1,9 @@
 """Prediction on new images: anomaly score, OK/NG decision and a heatmap panel per image.
 
 The OK/NG threshold is the checkpoint's calibrated one (held-out normal training images) unless
-one is given; NG iff ``score > threshold``. Heatmaps are the raw gradient maps of
-:func:`kdad.methods.kdad.localization.localization_maps` coloured with the fixed normal-image scale of
-:mod:`kdad.visualize` (pixel threshold: ``map_statistics["p999"]`` unless given).
+one is given; NG iff ``score > threshold``. Heatmaps are the method's anomaly maps (KDAD: the raw
+gradient maps of :func:`kdad.methods.kdad.localization.localization_maps`) coloured with the fixed
+normal-image scale of :mod:`kdad.visualize` (pixel threshold: ``map_statistics["p999"]`` unless given).
 
 Outputs in ``save_dir`` (or, if it already holds results of an earlier run, in the first free
 ``save_dir/run_NNN``): ``<stem>_result.png`` per image, ``results.csv`` and ``results.json``.
@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 
 from kdad.data.io import IMAGE_EXTENSIONS, ImageReadError, preprocess, read_image
+from kdad.engine.common import predict_maps
 from kdad.methods.kdad.localization import localization_maps
 from kdad.utils.checkpoint import load_model
 from kdad.visualize import colour_range, default_pixel_threshold, over_threshold, result_panel, save_rgb
@@ -180,8 +181,11 @@ def predict(
         if not batch:
             continue
         inputs = np.stack([preprocess(image, size) for _, image in batch])
-        scores, _, raw_maps = localization_maps(model, paddle.to_tensor(inputs), "gradients",
-                                                float(config["blur_sigma"]))
+        if config["method"] == "kdad":
+            scores, _, raw_maps = localization_maps(model, paddle.to_tensor(inputs), "gradients",
+                                                    float(config["blur_sigma"]))
+        else:
+            scores, raw_maps = predict_maps(model, inputs, len(inputs))
         for (path, image), score, raw in zip(batch, scores, raw_maps):
             score = float(score)
             decision = "NG" if score > limits["threshold"] else "OK"

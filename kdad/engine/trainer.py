@@ -11,7 +11,17 @@ import paddle
 import paddle.distributed as dist
 
 from kdad.config import dump_config
-from kdad.engine.common import dataset, score_images, seed_everything, set_cpu_threads, split_train
+from kdad.engine.common import (
+    class_dir,
+    class_name,
+    dataset,
+    log_path,
+    predict_maps,
+    score_images,
+    seed_everything,
+    set_cpu_threads,
+    split_train,
+)
 from kdad.methods.kdad.localization import localization_maps
 from kdad.methods.kdad.loss import training_loss
 from kdad.methods.kdad.model import KDADModel, build_model, check_taps_match
@@ -25,10 +35,6 @@ from kdad.utils.checkpoint import (
     load_checkpoint,
 )
 from kdad.utils.logger import get_logger
-
-
-def class_dir(config: Mapping[str, Any]) -> str:
-    return os.path.join(config["save_dir"], config["normal_class"] or "folder")
 
 
 def _world() -> tuple:
@@ -71,12 +77,71 @@ def calibrate(model: KDADModel, holdout_images: np.ndarray, config: Mapping[str,
     }
 
 
+def calibrate_maps(model: Any, holdout_images: np.ndarray, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """OK/NG threshold and map scale of a method's model from held-out normal training images."""
+    if len(holdout_images) == 0:
+        return {"threshold": None, "holdout_images": 0,
+                "note": "holdout_fraction is 0: no threshold; pass --threshold when predicting"}
+    scores, maps = predict_maps(model, holdout_images, int(config["eval_batch_size"]))
+    rate = float(config["false_reject_rate"])
+    return {
+        "threshold": threshold_from_normal_scores(scores, rate),
+        "false_reject_rate": rate,
+        "holdout_images": int(len(scores)),
+        "holdout_score_mean": float(scores.mean()),
+        "holdout_score_std": float(scores.std()),
+        "holdout_score_max": float(scores.max()),
+        "map_statistics": normal_map_statistics(maps),
+    }
+
+
+def fit_method(config: Dict[str, Any], return_model: bool = False):
+    """Fit a training-free method (PaDiM, PatchCore) on the normal training images of ``config``,
+    calibrate on the held-out ones and write ``model_final.pdparams``; returns its path."""
+    from kdad.registry import get_method
+
+    spec = get_method(config["method"])
+    seed_everything(int(config["seed"]))
+    threads = set_cpu_threads(int(config["cpu_threads"]))
+    out_dir = class_dir(config)
+    name = class_name(config)
+    log = get_logger(f"fit.{config['method']}.{name}", log_path(config, "train"), console=True)
+    train_samples, holdout_samples = split_train(config)
+    t0 = time.time()
+    train_images = dataset(train_samples, config).images()
+    holdout_images = dataset(holdout_samples, config).images() if holdout_samples else train_images[:0]
+    log.info(f"method {config['method']}, class {name}: {len(train_images)} training images, "
+             f"{len(holdout_images)} held out for calibration; backbone {config['backbone']} "
+             f"(pretrained={config['backbone_pretrained']}), {config['mvtec_img_size']} px, {threads} CPU "
+             f"threads; images read in {time.time() - t0:.1f}s")
+    log.info("config:\n" + dump_config(config))
+    model = spec.build_model(config)
+    t0 = time.time()
+    facts = spec.fit(model, train_images, config, log)
+    fit_seconds = time.time() - t0
+    log.info(f"fitted in {fit_seconds:.1f}s: {facts}")
+    model.eval()
+    calibration = calibrate_maps(model, holdout_images, config)
+    log.info(f"calibration on {calibration['holdout_images']} held-out normal images: "
+             f"threshold {calibration['threshold']}")
+    final = os.path.join(out_dir, FINAL_NAME)
+    atomic_save({"method": config["method"], "backbone": config["backbone"], "epoch": 0,
+                 "model": model.checkpoint_state(include_backbone=not config["backbone_pretrained"]),
+                 "config": dict(config), "calibration": calibration,
+                 "fit": {**facts, "fit_seconds": round(fit_seconds, 2)}}, final)
+    log.info(f"saved {final}")
+    return (final, model) if return_model else final
+
+
 def train(config: Dict[str, Any], return_model: bool = False):
-    """Train the cloner of ``config``; returns the final checkpoint path (rank 0) or None.
+    """Train (KDAD) or fit (training-free methods) the model of ``config``; returns the final
+    checkpoint path (rank 0) or None.
 
     With ``return_model`` returns ``(path_or_None, model)`` (every rank; used by tests).
     Parameter names (which key the optimizer state) are generated afresh, so resuming works in a
     process that has built other layers before."""
+    if config["method"] != "kdad":
+        return fit_method(config, return_model)
     with paddle.utils.unique_name.guard():
         return _train(config, return_model)
 
@@ -86,9 +151,8 @@ def _train(config: Dict[str, Any], return_model: bool):
     seed_everything(int(config["seed"]))
     threads = set_cpu_threads(int(config["cpu_threads"]), world_size)
     out_dir = class_dir(config)
-    name = config["normal_class"] or "folder"
-    log = get_logger(f"train.{name}.{rank}",
-                     os.path.join(config["log_dir"], f"{name}_train.log") if rank == 0 else "",
+    name = class_name(config)
+    log = get_logger(f"train.{name}.{rank}", log_path(config, "train") if rank == 0 else "",
                      console=rank == 0)
 
     train_set_samples, holdout_samples = split_train(config)
@@ -166,8 +230,9 @@ def _train(config: Dict[str, Any], return_model: bool):
                 epochs.set_postfix(loss=f"{epoch_loss:.4f}")
             periodic = int(config["save_every"]) > 0 and epoch % int(config["save_every"]) == 0
             if periodic or epoch == num_epochs - 1:
-                state = {"cloner": model.cloner.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "loss": epoch_loss, "config": dict(config)}
+                state = {"method": "kdad", "cloner": model.cloner.state_dict(),
+                         "optimizer": optimizer.state_dict(), "epoch": epoch, "loss": epoch_loss,
+                         "config": dict(config)}
                 if periodic and config["keep_checkpoints"]:
                     atomic_save(state, os.path.join(out_dir, epoch_checkpoint_name(epoch)))
                 atomic_save(state, latest)
@@ -180,7 +245,7 @@ def _train(config: Dict[str, Any], return_model: bool):
     log.info(f"calibration on {calibration['holdout_images']} held-out normal images: "
              f"threshold {calibration['threshold']}")
     final = os.path.join(out_dir, FINAL_NAME)
-    atomic_save({"cloner": model.cloner.state_dict(), "epoch": num_epochs - 1, "config": dict(config),
-                 "calibration": calibration}, final)
+    atomic_save({"method": "kdad", "cloner": model.cloner.state_dict(), "epoch": num_epochs - 1,
+                 "config": dict(config), "calibration": calibration}, final)
     log.info(f"saved {final}")
     return (final, model) if return_model else final

@@ -62,7 +62,8 @@ class AnomalyModel(nn.Layer):
                 raise ValueError(f"'{source}': {key} has shape {list(array.shape)}, the {self.method} "
                                  f"model built from its config expects {list(own[key].shape)}")
             loaded[key] = array
-        self.set_state_dict(loaded)
+        for key, array in loaded.items():  # set one by one: set_state_dict warns about absent backbone keys
+            own[key].set_value(array.astype(own[key].numpy().dtype, copy=False))
         self.mark_fitted()
 
     def resize_buffers(self, state: Mapping[str, Any]) -> None:

@@ -1,0 +1,147 @@
+"""The whole chain for the training-free methods (PaDiM, PatchCore) on a tiny generated class:
+fit -> calibrate -> evaluate -> predict -> export -> Paddle Inference and onnxruntime, each checked
+against an independent computation or the dynamic model."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from kdad.config import load_config
+from kdad.data import AnomalyDataset, list_mvtec, split_holdout
+from kdad.data.synthetic import generate_synthetic_class
+from kdad.utils.checkpoint import load_checkpoint, load_model
+
+METHODS = ("padim", "patchcore")
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain_data")
+    generate_synthetic_class(str(root), "tex", kind="texture", n_train=16, n_test_good=4, n_test_defect=4,
+                             size=SIZE, seed=3)
+    return str(root)
+
+
+def _config(method: str, root: str, out: str, **extra):
+    values = {"method": method, "dataset_root": root, "normal_class": "tex", "mvtec_img_size": SIZE,
+              "save_dir": os.path.join(out, "runs"), "log_dir": os.path.join(out, "logs"),
+              "holdout_fraction": 0.25, "eval_batch_size": 8, "progress_bar": False, "cpu_threads": 2,
+              "backbone": "efficientnet_lite0"}
+    values.update(extra)
+    return load_config(None, values)
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def fitted(request, data_root, tmp_path_factory):
+    from kdad.engine.trainer import train
+
+    out = str(tmp_path_factory.mktemp(f"chain_{request.param}"))
+    config = _config(request.param, data_root, out)
+    path = train(config)
+    return {"method": request.param, "config": config, "path": path, "out": out}
+
+
+def test_checkpoint_names_method_and_backbone(fitted):
+    method, path = fitted["method"], fitted["path"]
+    assert path == os.path.join(fitted["out"], "runs", method, "tex", "model_final.pdparams")
+    state = load_checkpoint(path)
+    assert state["method"] == method and state["backbone"] == "efficientnet_lite0"
+    # pretrained backbone weights are reloaded from their source, not stored
+    assert not any(key.startswith("backbone.") for key in state["model"])
+    assert os.path.isfile(os.path.join(fitted["out"], "logs", method, "tex_train.log"))
+
+
+def test_calibration_uses_the_held_out_images(fitted, data_root):
+    """The threshold is the 99th-percentile ('higher') of the held-out normal scores, recomputed here."""
+    config = fitted["config"]
+    model, state, _ = load_model(fitted["path"])
+    samples = list_mvtec(data_root, "tex", "train")
+    _, holdout_idx = split_holdout(len(samples), config["holdout_fraction"], config["seed"])
+    images = AnomalyDataset([samples[i] for i in holdout_idx], SIZE).images()
+    with paddle.no_grad():
+        scores = model(paddle.to_tensor(images))[0].numpy()
+    expected = float(np.quantile(scores.astype(np.float64), 0.99, method="higher"))
+    calibration = state["calibration"]
+    assert calibration["holdout_images"] == len(holdout_idx) == 4
+    assert calibration["threshold"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluation_metrics_and_val_log(fitted):
+    from kdad.engine.evaluator import run_test
+
+    result = run_test(fitted["config"], fitted["path"])
+    metrics = result["metrics"]
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score(result["labels"], result["scores"]))
+    assert {"pixel_auroc", "aupro", "image_f1_max"} <= set(metrics)
+    assert result["log_path"].endswith(os.path.join("logs", fitted["method"], "tex_val.log"))
+    text = open(result["log_path"], encoding="utf-8").read()
+    assert f"method: {fitted['method']}" in text and "backbone: efficientnet_lite0" in text
+    # the generated defects are obvious: a working method separates them
+    assert metrics["image_auroc"] >= 0.9
+
+
+def test_wrong_method_or_backbone_is_a_clear_error(fitted):
+    asked = load_config(None, {"method": "kdad"})
+    with pytest.raises(ValueError, match=f"holds a {fitted['method']} model"):
+        load_model(fitted["path"], asked)
+    other = load_config(None, {"method": fitted["method"], "backbone": "resnet18"})
+    with pytest.raises(ValueError, match="with backbone efficientnet_lite0, but backbone=resnet18"):
+        load_model(fitted["path"], other)
+
+
+def test_export_paddle_inference_and_onnx_equal_the_dynamic_model(fitted, data_root):
+    from kdad.deploy.onnx_runtime import OnnxRunner, convert_to_onnx
+    from kdad.deploy.runtime import PredictorOptions, load_paddle_model
+    from kdad.export import export_model
+
+    export_dir = os.path.join(fitted["out"], "export")
+    written = export_model(fitted["path"], export_dir)
+    assert list(written) == ["anomaly_map"]
+    folder = written["anomaly_map"]
+    with open(os.path.join(folder, "deploy.yaml"), encoding="utf-8") as handle:
+        deploy = yaml.safe_load(handle)["Deploy"]
+    assert deploy["model_info"]["method"] == fitted["method"]
+    assert deploy["model_info"]["backbone"] == "efficientnet_lite0"
+    assert deploy["postprocess"]["blur_sigma"] is None  # blurred inside the graph
+    assert deploy["postprocess"]["threshold"] == pytest.approx(
+        load_checkpoint(fitted["path"])["calibration"]["threshold"])
+
+    images = AnomalyDataset(list_mvtec(data_root, "tex", "test"), SIZE).images()[:5]
+    model, _, _ = load_model(fitted["path"])
+    with paddle.no_grad():
+        want_scores, want_maps = (t.numpy() for t in model(paddle.to_tensor(images)))
+    runner, _ = load_paddle_model(folder, None, None, PredictorOptions(enable_mkldnn=False, cpu_threads=2))
+    got_scores, got_maps = runner.run(images)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-4, atol=1e-5 * np.abs(want_scores).max())
+    assert np.abs(got_maps - want_maps).max() <= 1e-4 * np.abs(want_maps).max()
+
+    onnx_file = convert_to_onnx(folder, os.path.join(fitted["out"], "onnx"))
+    onnx_scores, onnx_maps = OnnxRunner(onnx_file).run(images)
+    np.testing.assert_allclose(onnx_scores, want_scores, rtol=1e-4, atol=1e-5 * np.abs(want_scores).max())
+    assert np.abs(onnx_maps - want_maps).max() <= 1e-4 * np.abs(want_maps).max()
+
+
+def test_predict_and_infer_give_the_same_decisions(fitted, data_root):
+    from kdad.deploy.runtime import PredictorOptions, load_paddle_model, predict_folder
+    from kdad.engine.predictor import predict
+    from kdad.export import export_model
+
+    test_dir = os.path.join(data_root, "tex", "test", "good")
+    dynamic = predict(fitted["path"], test_dir, os.path.join(fitted["out"], "predict"))
+    folder = export_model(fitted["path"], os.path.join(fitted["out"], "export_infer"))["anomaly_map"]
+    runner, deploy = load_paddle_model(folder, None, None, PredictorOptions(enable_mkldnn=False))
+    static = predict_folder(runner.run, deploy, test_dir, batch_size=2,
+                            save_dir=os.path.join(fitted["out"], "infer"))
+    by_file = {os.path.basename(r["image"]): r for r in static["results"]}
+    for row in dynamic:
+        other = by_file[os.path.basename(row["file"])]
+        assert other["score"] == pytest.approx(row["score"], rel=1e-4)
+        assert other["label"] == row["decision"]
+        assert os.path.isfile(row["result_image"])
