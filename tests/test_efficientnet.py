@@ -23,8 +23,9 @@ from skimage import data as skdata
 
 import kdad.backbones.efficientnet_lite as effnet
 from kdad.backbones.vgg import tap_geometry
+from kdad.backbones.weights import convert_torchvision_state, torchvision_reference_shapes
 from kdad.methods.kdad.cloner import Cloner
-from kdad.methods.kdad.experts import build_expert, convert_vgg16_state, vgg16_reference_shapes
+from kdad.methods.kdad.experts import build_expert
 from kdad.methods.kdad.model import check_taps_match
 from kdad.utils.torch_pickle import TorchPickleError, load_torch_pickle, load_torch_state_dict
 
@@ -243,10 +244,10 @@ def test_reader_errors_name_the_file(tmp_path) -> None:
 
 
 def test_vgg16_conversion_checks_shapes(tmp_path, capsys) -> None:
-    reference = vgg16_reference_shapes()
+    reference = torchvision_reference_shapes("vgg16", head=False)
     fake = {key: np.broadcast_to(np.float32(0), shape) for key, shape in reference.items()}
     fake["classifier.0.weight"] = np.zeros((2, 2), np.float32)
-    assert set(convert_vgg16_state(fake, "fake.pth")) == set(reference)
+    assert set(convert_torchvision_state("vgg16", fake, "fake.pth", head=False)) == set(reference)
 
     main = load_tool("convert_vgg16").main
     storages = {"0": np.zeros(54, np.float32)}

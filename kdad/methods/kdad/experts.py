@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 
@@ -23,8 +22,6 @@ from kdad.backbones.efficientnet_lite import (
     load_pretrained,
 )
 from kdad.backbones.vgg import CLONER_CFG_A, CLONER_CFG_B, VGG16_CFG, CfgItem, make_vgg_layers, run_taps
-from kdad.backbones.weights import check_state_shapes, save_state_atomic
-from kdad.utils.torch_pickle import load_torch_state_dict
 
 VGG16_WEIGHTS_HELP = (
     "The VGG16 expert needs ImageNet weights as a Paddle state dict with keys "
@@ -208,26 +205,3 @@ def build_efficientnet_lite0(pretrain: bool, weights_path: Optional[str] = None,
         raise ValueError("equal_network_size selects the VGG16-wide cloner (config A) and applies to the "
                          "vgg16 expert only; the efficientnet_lite0 cloner already mirrors every tap")
     return EfficientNetLite0Expert(pretrain=pretrain)
-
-
-# --- VGG16 weights conversion (torchvision .pth read without torch) ---
-
-
-def vgg16_reference_shapes() -> Dict[str, Tuple[int, ...]]:
-    """Keys and shapes of :class:`kdad.methods.kdad.experts.VGG16Expert`'s state dict."""
-    return {key: tuple(value.shape) for key, value in VGG16Expert().state_dict().items()}
-
-
-def convert_vgg16_state(torch_state: Mapping[str, np.ndarray], source: str) -> Dict[str, np.ndarray]:
-    """Keep torchvision's ``features.N.weight/bias`` (unchanged: OIHW in both) and check their shapes."""
-    state = {key: np.asarray(value, dtype=np.float32) for key, value in torch_state.items()
-             if key.startswith("features.")}
-    check_state_shapes(state, vgg16_reference_shapes(), source)
-    return state
-
-
-def convert_vgg16_checkpoint(src: str, dst: str) -> Dict[str, Tuple[int, ...]]:
-    """Convert torchvision's ``vgg16-*.pth`` into the Paddle file ``dst``; return the written shapes."""
-    state = convert_vgg16_state(load_torch_state_dict(src), src)
-    save_state_atomic(state, dst)
-    return {key: tuple(value.shape) for key, value in state.items()}
