@@ -1,5 +1,6 @@
-"""Markdown tables of our per-class results against the KDAD paper (see kdad/accuracy_table.py):
-python tools/accuracy_table.py --log_dir logs --tolerance 2.0"""
+"""Markdown tables of our per-class results against published numbers, one report per method and
+backbone (see kdad/accuracy_table.py):
+python tools/accuracy_table.py --log_dir logs --tolerance 2.0 [--method padim]"""
 
 import os
 import sys
