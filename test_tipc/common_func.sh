@@ -1,19 +1,22 @@
 #!/bin/bash
-# Parsing helpers and the status line of the KDAD TIPC chain (sourced by the test_tipc/*.sh scripts).
+# Parsing helpers and the status line of the KDAD TIPC chain (sourced by the test_tipc/*.sh drivers).
 #
-# Semantics follow the PaddleOCR/PaddleClas test_tipc helpers (see test_tipc/README.md):
+# The first five keep the semantics of the standard TIPC helpers of the Paddle repositories
+# (PaddleOCR/PaddleClas test_tipc/common_func.sh), so a params file parses the same way here and
+# under the standard driver:
 #   func_parser_key   "key:value"            -> key
-#   func_parser_value "key:value"            -> value (text after a second ':' is dropped, as upstream)
+#   func_parser_value "key:value"            -> value (text after a second ':' is dropped)
 #   func_parser_params "key:m1=a|m2=b" MODE  -> the entry of MODE ("" if there is none)
 #   func_set_params KEY VALUE                -> "KEY=VALUE", or " " when KEY or VALUE is null/empty
 #   status_check STATUS CMD LOG MODEL [RUN_LOG] -> one "Run successfully/failed with command - ..." line
-# Project extensions:
-#   func_parser_value_mode LINE MODE         -> like func_parser_value, but a value written as a
-#                                               per-mode list "m1=a|m2=b" resolves to MODE's entry
+# Used only by this repository's drivers (prepare.sh needs none of them):
+#   func_read_params FILE N                  -> global array `lines` (first N lines, blank lines dropped)
+#   func_check_params_spec FILE              -> exit 2 when the standard driver would misread FILE
+#   func_ext_value FILE KEY                  -> value of "KEY:value" in an extension file (keyed)
 #   status_skip REASON CMD LOG MODEL [RUN_LOG] -> one "Run skipped (REASON) with command - ..." line
-#                                               (neither a success nor a failure)
+#   tipc_has_gpu, tipc_has_tensorrt, tipc_summary
 
-# The TIPC modes known to the per-mode syntax.
+# The TIPC modes ("mode=value" lists name them).
 TIPC_MODES="lite_train_lite_infer lite_train_whole_infer whole_infer whole_train_whole_infer paddle2onnx_infer"
 
 function func_parser_key() {
@@ -45,29 +48,6 @@ function func_parser_params() {
         fi
     done
     echo ""
-}
-
-function func_is_mode_list() {
-    # True when the value is a per-mode list: its first '|' item starts with "<known mode>=".
-    local first=${1%%|*}
-    local name=${first%%=*}
-    [ "${name}" != "${first}" ] || return 1
-    local m
-    for m in ${TIPC_MODES}; do
-        [ "${name}" = "${m}" ] && return 0
-    done
-    return 1
-}
-
-function func_parser_value_mode() {
-    # $1: line; $2: mode. Plain values are returned unchanged; "m1=a|m2=b" gives the entry of mode.
-    local value
-    value=$(func_parser_value "$1")
-    if func_is_mode_list "${value}"; then
-        func_parser_params "$1" "${2:-${MODE}}"
-    else
-        echo "${value}"
-    fi
 }
 
 function func_set_params() {
@@ -130,7 +110,8 @@ function tipc_summary() {
 }
 
 # Reads the first $2 lines of params file $1 into the global array `lines` (blank lines are
-# skipped by the split); exits 2 when fewer than $2 are there. $2 = 0 reads the whole file.
+# dropped by the split, as in the standard driver; no pathname expansion); exits 2 when fewer
+# than $2 are there. $2 = 0 reads the whole file.
 function func_read_params() {
     local file=$1 count=$2 dataline
     if [ "${count}" -gt 0 ]; then
@@ -138,11 +119,58 @@ function func_read_params() {
     else
         dataline=$(cat "${file}")
     fi
+    set -f
     IFS=$'\n'
     lines=(${dataline})
     unset IFS
+    set +f
     if [ "${count}" -gt 0 ] && [ ${#lines[@]} -lt "${count}" ]; then
         echo "error: ${file} has ${#lines[@]} non-blank lines among its first ${count}; ${count} are read (no blank lines)" >&2
         exit 2
     fi
+}
+
+function func_is_mode_list() {
+    # True when a value is a per-mode list: its first '|' item starts with "<known mode>=".
+    local first=${1%%|*}
+    local name=${first%%=*}
+    [ "${name}" != "${first}" ] || return 1
+    local m
+    for m in ${TIPC_MODES}; do
+        [ "${name}" = "${m}" ] && return 0
+    done
+    return 1
+}
+
+# Exits 2 when the train_infer_python params file $1 (already read into `lines`) uses what the
+# standard driver cannot read: a per-mode "mode=value|..." list anywhere but the epoch (idx 6) and
+# batch size (idx 8) lines, or a gpu_list (idx 3) entry the standard launcher does not accept.
+# tests/test_tipc_params.py checks the committed files against the full rule set.
+function func_check_params_spec() {
+    local file=$1 idx value bad=0
+    for idx in "${!lines[@]}"; do
+        [ "${idx}" = "6" ] || [ "${idx}" = "8" ] && continue
+        value=$(func_parser_value "${lines[${idx}]}")
+        if func_is_mode_list "${value}"; then
+            echo "error: ${file} line $((idx + 1)) ('${lines[${idx}]%%:*}') is a per-mode list; the standard TIPC driver reads it as one plain value (per-mode lists are allowed only on lines 7 and 9)" >&2
+            bad=1
+        fi
+    done
+    local IFS="|"
+    local entry
+    for entry in $(func_parser_value "${lines[3]}"); do
+        if ! [[ "${entry}" =~ ^(-1|[0-9]+(,[0-9]+)*|[0-9.]+(,[0-9.]+)+\;[0-9]+(,[0-9]+)*)$ ]]; then
+            echo "error: ${file} line 4: gpu_list entry '${entry}' is not a device list the standard launcher accepts (-1, 0, 0,1 or ip1,ip2;0,1); CPU data-parallel runs belong in the extension file (cpu_data_parallel)" >&2
+            bad=1
+        fi
+    done
+    [ "${bad}" = "0" ] || exit 2
+}
+
+# Value of the first "KEY:value" line of extension file $1 (everything after the first ':'),
+# or nothing when the file or the key is missing.
+function func_ext_value() {
+    local file=$1 key=$2
+    [ -f "${file}" ] || return 0
+    awk -v k="${key}:" 'index($0, k) == 1 { print substr($0, length(k) + 1); exit }' "${file}"
 }

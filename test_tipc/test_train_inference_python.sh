@@ -1,12 +1,22 @@
 #!/bin/bash
-# KDAD TIPC driver: train -> eval -> export -> Paddle Inference, driven by a 51-line params file.
+# KDAD TIPC driver: train -> eval -> export -> Paddle Inference, driven by a standard 51-line params file.
 #
 #   bash test_tipc/test_train_inference_python.sh test_tipc/configs/KDAD/train_infer_python.txt MODE [GPU_ID]
 #
-# MODE: lite_train_lite_infer | lite_train_whole_infer | whole_infer | whole_train_whole_infer.
-# Writes test_tipc/output/<model_name>/<MODE>/results_python.log (one status line per step) and
-# exits 1 when any step failed. See test_tipc/docs/test_train_inference_python.md.
-# Run from the repository root.
+# MODE: lite_train_lite_infer | lite_train_whole_infer | whole_infer | whole_train_whole_infer (run
+# prepare.sh with the same MODE first). The params file is in the standard TIPC layout, so the standard
+# driver and common_func.sh of the Paddle repositories run it unmodified; this driver reads it the
+# same way (and refuses a file the standard driver would misread). Project extensions come from a
+# separate keyed file that only this driver reads: tipc_ext.txt beside the params file, when its
+# "extends:" line names the params file (KDAD_TIPC_EXT=FILE uses FILE, KDAD_TIPC_EXT=none none):
+#   cpu_data_parallel:N|...     N-process data-parallel CPU trainings (gloo), each with eval, export
+#                               and the inference matrix, like a gpu_list entry
+#   skip_unavailable:True       GPU / TensorRT steps write "Run skipped" lines where there is no GPU
+#                               or TensorRT (also the default without an extension file)
+#   extra_inference_dirs:a|b    more exported models (e.g. heatmap) through the inference matrix
+# Writes test_tipc/output/<model_name>/<MODE>/results_python.log (one status line per step) and exits 1
+# when any step failed. TIPC_DRY_RUN=1 prints the commands ("DRY RUN: <cmd>") instead of running them.
+# See test_tipc/docs/test_train_inference_python.md. Run from the repository root.
 
 source test_tipc/common_func.sh
 
@@ -24,10 +34,13 @@ case ${MODE} in
     lite_train_lite_infer|lite_train_whole_infer|whole_infer|whole_train_whole_infer) ;;
     *) echo "error: unknown MODE '${MODE}'" >&2; exit 2 ;;
 esac
+DRY_RUN=${TIPC_DRY_RUN:-0}
 
 func_read_params "${FILENAME}" 51
+func_check_params_spec "${FILENAME}"
 
 # ------------------------------------------------------------------------------- train params
+# Parsed as the standard driver does: one plain value per line, per-mode lists only on idx 6 and 8.
 model_name=$(func_parser_value "${lines[1]}")
 python=$(func_parser_value "${lines[2]}")
 gpu_list=$(func_parser_value "${lines[3]}")
@@ -41,42 +54,39 @@ save_model_key=$(func_parser_key "${lines[7]}")
 train_batch_key=$(func_parser_key "${lines[8]}")
 train_batch_value=$(func_parser_params "${lines[8]}" "${MODE}")
 pretrain_model_key=$(func_parser_key "${lines[9]}")
-pretrain_model_value=$(func_parser_value_mode "${lines[9]}" "${MODE}")
-train_model_name=$(func_parser_value_mode "${lines[10]}" "${MODE}")
-train_infer_img_dir=$(func_parser_value_mode "${lines[11]}" "${MODE}")
+pretrain_model_value=$(func_parser_value "${lines[9]}")
+train_model_name=$(func_parser_value "${lines[10]}")
+train_infer_img_dir=$(func_parser_value "${lines[11]}")
 train_param_key1=$(func_parser_key "${lines[12]}")
-train_param_value1=$(func_parser_value_mode "${lines[12]}" "${MODE}")
+train_param_value1=$(func_parser_value "${lines[12]}")
 
 trainer_list=$(func_parser_value "${lines[14]}")
-trainer_norm=$(func_parser_key "${lines[15]}")  # upstream name; norm_train is the fallback trainer
-norm_trainer=$(func_parser_value_mode "${lines[15]}" "${MODE}")
+norm_trainer=$(func_parser_value "${lines[15]}")
 pact_key=$(func_parser_key "${lines[16]}")
-pact_trainer=$(func_parser_value_mode "${lines[16]}" "${MODE}")
+pact_trainer=$(func_parser_value "${lines[16]}")
 fpgm_key=$(func_parser_key "${lines[17]}")
-fpgm_trainer=$(func_parser_value_mode "${lines[17]}" "${MODE}")
+fpgm_trainer=$(func_parser_value "${lines[17]}")
 distill_key=$(func_parser_key "${lines[18]}")
-distill_trainer=$(func_parser_value_mode "${lines[18]}" "${MODE}")
+distill_trainer=$(func_parser_value "${lines[18]}")
 trainer_key1=$(func_parser_key "${lines[19]}")
-trainer_value1=$(func_parser_value_mode "${lines[19]}" "${MODE}")
+trainer_value1=$(func_parser_value "${lines[19]}")
 trainer_key2=$(func_parser_key "${lines[20]}")
-trainer_value2=$(func_parser_value_mode "${lines[20]}" "${MODE}")
+trainer_value2=$(func_parser_value "${lines[20]}")
 
 # ------------------------------------------------------------------------------- eval params
-eval_py=$(func_parser_value_mode "${lines[23]}" "${MODE}")
+eval_py=$(func_parser_value "${lines[23]}")
 eval_key1=$(func_parser_key "${lines[24]}")
-eval_value1=$(func_parser_value_mode "${lines[24]}" "${MODE}")
+eval_value1=$(func_parser_value "${lines[24]}")
 
 # ------------------------------------------------------------------------------- export params
 save_infer_key=$(func_parser_key "${lines[27]}")
 export_weight_key=$(func_parser_key "${lines[28]}")
-norm_export=$(func_parser_value_mode "${lines[29]}" "${MODE}")
-pact_export=$(func_parser_value_mode "${lines[30]}" "${MODE}")
-fpgm_export=$(func_parser_value_mode "${lines[31]}" "${MODE}")
-distill_export=$(func_parser_value_mode "${lines[32]}" "${MODE}")
-export_key1=$(func_parser_key "${lines[33]}")
-export_value1=$(func_parser_value_mode "${lines[33]}" "${MODE}")
-export_key2=$(func_parser_key "${lines[34]}")
-export_value2=$(func_parser_value_mode "${lines[34]}" "${MODE}")
+norm_export=$(func_parser_value "${lines[29]}")
+pact_export=$(func_parser_value "${lines[30]}")
+fpgm_export=$(func_parser_value "${lines[31]}")
+distill_export=$(func_parser_value "${lines[32]}")
+export_value1=$(func_parser_value "${lines[33]}")
+export_value2=$(func_parser_value "${lines[34]}")
 inference_dir=$(func_parser_value "${lines[35]}")
 
 # whole_infer only
@@ -100,18 +110,63 @@ precision_key=$(func_parser_key "${lines[45]}")
 precision_list=$(func_parser_value "${lines[45]}")
 infer_model_key=$(func_parser_key "${lines[46]}")
 image_dir_key=$(func_parser_key "${lines[47]}")
-infer_img_dir=$(func_parser_value_mode "${lines[47]}" "${MODE}")
+infer_img_dir=$(func_parser_value "${lines[47]}")
 save_log_key=$(func_parser_key "${lines[48]}")
 benchmark_key=$(func_parser_key "${lines[49]}")
 benchmark_value=$(func_parser_value "${lines[49]}")
 infer_key1=$(func_parser_key "${lines[50]}")
-infer_value1=$(func_parser_value_mode "${lines[50]}" "${MODE}")
+infer_value1=$(func_parser_value "${lines[50]}")
+
+# ------------------------------------------------------------------------------- extensions
+ext_file=${KDAD_TIPC_EXT:-}
+if [ -z "${ext_file}" ]; then
+    ext_file="$(dirname "${FILENAME}")/tipc_ext.txt"
+    extends="|$(func_ext_value "${ext_file}" extends)|"
+    if [[ "${extends}" != *"|$(basename "${FILENAME}")|"* ]]; then
+        ext_file=""  # no extension file, or one for another params file of this folder
+    fi
+elif [ "${ext_file}" = "none" ]; then
+    ext_file=""
+elif [ ! -f "${ext_file}" ]; then
+    echo "error: KDAD_TIPC_EXT='${ext_file}' does not exist" >&2
+    exit 2
+fi
+cpu_dp_list=$(func_ext_value "${ext_file}" cpu_data_parallel)
+skip_unavailable=$(func_ext_value "${ext_file}" skip_unavailable)
+skip_unavailable=${skip_unavailable:-True}
+extra_inference_dirs=$(func_ext_value "${ext_file}" extra_inference_dirs)
+[ "${cpu_dp_list}" = "null" ] && cpu_dp_list=""
+[ "${extra_inference_dirs}" = "null" ] && extra_inference_dirs=""
+if [[ -n "${cpu_dp_list}" && ! "${cpu_dp_list}" =~ ^[0-9]+(\|[0-9]+)*$ ]]; then
+    echo "error: ${ext_file}: cpu_data_parallel must be process counts ('2' or '2|4'), got '${cpu_dp_list}'" >&2
+    exit 2
+fi
+if [ -n "${ext_file}" ]; then
+    echo "TIPC extensions from ${ext_file}: cpu_data_parallel=${cpu_dp_list:-none}, skip_unavailable=${skip_unavailable}, extra_inference_dirs=${extra_inference_dirs:-none}"
+fi
+
+# prepare.sh points the params file's fixed paths (test_tipc/data/<model>/) at one MODE's data.
+prepared_mode_file="./test_tipc/data/${model_name}/mode"
+prepared_mode=$(cat "${prepared_mode_file}" 2>/dev/null)
+if [ "${prepared_mode}" != "${MODE}" ]; then
+    msg="test_tipc/data/${model_name} is prepared for '${prepared_mode:-nothing}', not ${MODE}: run bash test_tipc/prepare.sh ${FILENAME} ${MODE} first"
+    if [ "${DRY_RUN}" = "1" ]; then
+        echo "warning: ${msg}" >&2
+    else
+        echo "error: ${msg}" >&2
+        exit 2
+    fi
+fi
 
 LOG_PATH="./test_tipc/output/${model_name}/${MODE}"
-mkdir -p "${LOG_PATH}"
 status_log="${LOG_PATH}/results_python.log"
-rm -f "${status_log}"
-touch "${status_log}"
+if [ "${DRY_RUN}" = "1" ]; then
+    status_log=/dev/null  # a dry run leaves the output of the last real run alone
+else
+    mkdir -p "${LOG_PATH}"
+    rm -f "${status_log}"
+    touch "${status_log}"
+fi
 
 # Built once, before the loops (upstream's GPU branch could miss it).
 set_benchmark=$(func_set_params "${benchmark_key}" "${benchmark_value}")
@@ -124,27 +179,50 @@ function has_gpu() {
     [ "${HAS_GPU}" = "yes" ]
 }
 
-function show_log() {
-    # $1: status, $2: log file. Whole log on failure, its tail on success.
-    if [ "$1" -ne 0 ]; then
-        echo "----- ${2} (failed) -----"
-        tail -n 60 "$2"
+function skip_if_unavailable() {
+    # $1 what ("gpu" or "tensorrt"); 0 when the step must be skipped (and not run).
+    [ "${skip_unavailable}" = "True" ] || return 1
+    [ "${DRY_RUN}" = "1" ] && return 1
+    if [ "$1" = "gpu" ]; then
+        ! has_gpu
     else
-        tail -n 4 "$2"
+        ! tipc_has_tensorrt "${python}"
     fi
 }
 
-# Exports checkpoint $2 with export script $1 into $3 (log $4) and records the status line.
+function run_step() {
+    # $1 command (with its redirection), $2 its log file (shown). Sets STEP_STATUS.
+    if [ "${DRY_RUN}" = "1" ]; then
+        echo "DRY RUN: $1"
+        STEP_STATUS=0
+        return 0
+    fi
+    eval "$1"
+    STEP_STATUS=$?
+    if [ -n "$2" ] && [ -f "$2" ]; then
+        if [ "${STEP_STATUS}" -ne 0 ]; then
+            echo "----- ${2} (failed) -----"
+            tail -n 60 "$2"
+        else
+            tail -n 4 "$2"
+        fi
+    fi
+}
+
+function record() {
+    # $1 command, $2 log file: the status line of the step just run (none in a dry run)
+    [ "${DRY_RUN}" = "1" ] && return 0
+    status_check "${STEP_STATUS}" "$1" "${status_log}" "${model_name}" "$2"
+}
+
+# Exports checkpoint $2 with export command $1 into $3 (log $4) and records the status line.
 function func_export() {
-    local set_weight set_save cmd status
+    local set_weight set_save cmd
     set_weight=$(func_set_params "${export_weight_key}" "$2")
     set_save=$(func_set_params "${save_infer_key}" "$3")
-    cmd="${python} $1 ${set_weight} ${set_save} > $4 2>&1 "
-    cmd=$(echo "${cmd}" | tr -s ' ')
-    eval "${cmd}"
-    status=$?
-    show_log ${status} "$4"
-    status_check ${status} "${cmd}" "${status_log}" "${model_name}" "$4"
+    cmd=$(echo "${python} $1 ${set_weight} ${set_save} > $4 2>&1 " | tr -s ' ')
+    run_step "${cmd}" "$4"
+    record "${cmd}" "$4"
 }
 
 function func_inference() {
@@ -177,10 +255,8 @@ function func_inference() {
                             set_infer_params1=$(func_set_params "${infer_key1}" "${infer_value1}")
                             local command="${_python} ${_script} ${set_use_gpu} ${set_mkldnn} ${set_cpu_threads} ${set_model_dir} ${set_batchsize} ${set_save_log} ${set_infer_data} ${set_benchmark} ${set_precision} ${set_infer_params1} > ${_save_log_path} 2>&1 "
                             command=$(echo "${command}" | tr -s ' ')
-                            eval "${command}"
-                            local last_status=$?
-                            show_log ${last_status} "${_save_log_path}"
-                            status_check ${last_status} "${command}" "${status_log}" "${model_name}" "${_save_log_path}"
+                            run_step "${command}" "${_save_log_path}"
+                            record "${command}" "${_save_log_path}"
                         done
                     done
                 done
@@ -208,20 +284,18 @@ function func_inference() {
                         set_model_dir=$(func_set_params "${infer_model_key}" "${_model_dir}")
                         set_save_log=$(func_set_params "${save_log_key}" "${_save_log_path}")
                         set_infer_params1=$(func_set_params "${infer_key1}" "${infer_value1}")
-                        local command="${_python} ${_script} ${set_use_gpu} ${set_tensorrt} ${set_precision} ${set_model_dir} ${set_batchsize} ${set_save_log} ${set_infer_data} ${set_benchmark} ${set_infer_params1} > ${_save_log_path} 2>&1 "
+                        local command="${_python} ${_script} ${set_use_gpu} ${set_tensorrt} ${set_precision} ${set_model_dir} ${set_batchsize} ${set_infer_data} ${set_benchmark} ${set_infer_params1} ${set_save_log} > ${_save_log_path} 2>&1 "
                         command=$(echo "${command}" | tr -s ' ')
-                        if ! has_gpu; then
+                        if skip_if_unavailable gpu; then
                             status_skip "no GPU" "${command}" "${status_log}" "${model_name}" "${_save_log_path}"
                             continue
                         fi
-                        if [ "${use_trt}" = "True" ] && ! tipc_has_tensorrt "${_python}"; then
+                        if [ "${use_trt}" = "True" ] && skip_if_unavailable tensorrt; then
                             status_skip "no TensorRT" "${command}" "${status_log}" "${model_name}" "${_save_log_path}"
                             continue
                         fi
-                        eval "${command}"
-                        local last_status=$?
-                        show_log ${last_status} "${_save_log_path}"
-                        status_check ${last_status} "${command}" "${status_log}" "${model_name}" "${_save_log_path}"
+                        run_step "${command}" "${_save_log_path}"
+                        record "${command}" "${_save_log_path}"
                     done
                 done
             done
@@ -231,25 +305,20 @@ function func_inference() {
     done
 }
 
-function func_inference_dirs() {
-    # Runs func_inference for every entry of inference_dir (a '|' list; null = the export dir itself).
+function func_inference_all() {
+    # The matrix on <export dir>/<inference_dir> (the export dir itself when null), then on every
+    # extension extra_inference_dirs entry (logs in <log dir>/infer_<entry>/).
     # $1 python, $2 script, $3 export dir, $4 log dir, $5 input, $6 is_quant, $7 gpu label
-    local _export_dir=$3
+    local _model_dir=$3
+    if [ "${inference_dir}" != "null" ] && [ "${inference_dir}" != "##" ] && [ -n "${inference_dir}" ]; then
+        _model_dir="$3/${inference_dir}"
+    fi
+    func_inference "$1" "$2" "${_model_dir}" "$4" "$5" "$6" "$7"
     local IFS='|'
-    local entries=(${inference_dir})
-    unset IFS
-    local sub
-    for sub in "${entries[@]}"; do
-        local _model_dir=${_export_dir}
-        if [ "${sub}" != "null" ] && [ -n "${sub}" ]; then
-            _model_dir="${_export_dir}/${sub}"
-        fi
-        local _log_dir=$4
-        if [ ${#entries[@]} -gt 1 ]; then
-            _log_dir="$4/infer_${sub}"
-            mkdir -p "${_log_dir}"
-        fi
-        func_inference "$1" "$2" "${_model_dir}" "${_log_dir}" "$5" "$6" "$7"
+    local extra
+    for extra in ${extra_inference_dirs}; do
+        [ "${DRY_RUN}" = "1" ] || mkdir -p "$4/infer_${extra}"
+        func_inference "$1" "$2" "$3/${extra}" "$4/infer_${extra}" "$5" "$6" "$7"
     done
 }
 
@@ -273,21 +342,18 @@ if [ "${MODE}" = "whole_infer" ]; then
         infer_log_path=${LOG_PATH}
         if [ ${#infer_models[@]} -gt 1 ]; then
             infer_log_path="${LOG_PATH}/infer_model_${Count}"  # keep each model's inference logs apart
-            mkdir -p "${infer_log_path}"
+            [ "${DRY_RUN}" = "1" ] || mkdir -p "${infer_log_path}"
         fi
         if [ "${export_entry}" != "null" ]; then
+            # export into the log folder (the standard driver exports onto infer_model itself)
             save_infer_dir="${LOG_PATH}/whole_infer_export_${Count}"
-            rm -rf "${save_infer_dir}"
+            [ "${DRY_RUN}" = "1" ] || rm -rf "${save_infer_dir}"
             func_export "${export_entry}" "${infer_model}" "${save_infer_dir}" \
                 "${LOG_PATH}/whole_infer_export_${Count}.log"
-            func_inference_dirs "${python}" "${inference_py}" "${save_infer_dir}" "${infer_log_path}" "${infer_img_dir}" "${is_quant}" "${GPUID}"
-        elif [ "${inference_dir}" != "null" ] && [ -d "${infer_model}/${inference_dir%%|*}" ]; then
-            # an export dir holding the inference_dir subfolders
-            func_inference_dirs "${python}" "${inference_py}" "${infer_model}" "${infer_log_path}" "${infer_img_dir}" "${is_quant}" "${GPUID}"
         else
-            # already an inference model dir
-            func_inference "${python}" "${inference_py}" "${infer_model}" "${infer_log_path}" "${infer_img_dir}" "${is_quant}" "${GPUID}"
+            save_infer_dir=${infer_model}  # already an inference model (or export) folder
         fi
+        func_inference "${python}" "${inference_py}" "${save_infer_dir}" "${infer_log_path}" "${infer_img_dir}" "${is_quant}" "${GPUID}"
         Count=$((Count + 1))
     done
 else
@@ -296,10 +362,15 @@ else
     train_use_gpus=(${train_use_gpu_value})
     autocasts=(${autocast_list})
     trainers=(${trainer_list})
+    cpu_dp=(${cpu_dp_list})
     unset IFS
+    entries=("${gpus[@]}")
+    for n in "${cpu_dp[@]}"; do
+        entries+=("cpu${n}")  # extension entries, after the params file's own
+    done
     Count=0
-    for gpu in "${gpus[@]}"; do
-        train_use_gpu=${train_use_gpus[${Count}]:-${train_use_gpus[0]:-null}}
+    for gpu in "${entries[@]}"; do
+        train_use_gpu=${train_use_gpus[${Count}]:-null}
         Count=$((Count + 1))
         ips=""
         nproc=""
@@ -307,10 +378,10 @@ else
             env=""
             kind=cpu
         elif [[ "${gpu}" =~ ^cpu([0-9]+)$ ]]; then
-            # Project extension: data-parallel training with N CPU processes (gloo backend).
             env=""
-            kind=cpu_dist
+            kind=cpu_dist  # extension: data-parallel training with N CPU processes
             nproc=${BASH_REMATCH[1]}
+            train_use_gpu=null
         elif [ ${#gpu} -le 1 ]; then
             env="export CUDA_VISIBLE_DEVICES=${gpu}"
             kind=gpu
@@ -383,19 +454,17 @@ else
                 train_log_path="${LOG_PATH}/${run_name}_train.log"
                 cmd=$(echo "${cmd} > ${train_log_path} 2>&1 " | tr -s ' ')
 
-                if [[ "${kind}" == gpu* ]] && ! has_gpu; then
+                if [[ "${kind}" == gpu* ]] && skip_if_unavailable gpu; then
                     status_skip "no GPU" "${cmd}" "${status_log}" "${model_name}" "${train_log_path}"
                     continue
                 fi
 
-                rm -rf "${save_log}"
+                [ "${DRY_RUN}" = "1" ] || rm -rf "${save_log}"
                 unset CUDA_VISIBLE_DEVICES
                 t0=$(date +%s)
-                eval "${cmd}"
-                train_status=$?
-                echo "training took $(( $(date +%s) - t0 )) s"
-                show_log ${train_status} "${train_log_path}"
-                status_check ${train_status} "${cmd}" "${status_log}" "${model_name}" "${train_log_path}"
+                run_step "${cmd}" "${train_log_path}"
+                [ "${DRY_RUN}" = "1" ] || echo "training took $(( $(date +%s) - t0 )) s"
+                record "${cmd}" "${train_log_path}"
 
                 set_eval_pretrain=$(func_set_params "${pretrain_model_key}" "${save_log}/${train_model_name}")
                 # eval
@@ -403,12 +472,10 @@ else
                     eval "${env}"
                     set_eval_params1=$(func_set_params "${eval_key1}" "${eval_value1}")
                     eval_log_path="${LOG_PATH}/${run_name}_eval.log"
-                    eval_cmd="${python} ${eval_py} ${set_eval_pretrain} ${set_eval_params1} > ${eval_log_path} 2>&1 "
+                    eval_cmd="${python} ${eval_py} ${set_eval_pretrain} ${set_use_gpu} ${set_eval_params1} > ${eval_log_path} 2>&1 "
                     eval_cmd=$(echo "${eval_cmd}" | tr -s ' ')
-                    eval "${eval_cmd}"
-                    eval_status=$?
-                    show_log ${eval_status} "${eval_log_path}"
-                    status_check ${eval_status} "${eval_cmd}" "${status_log}" "${model_name}" "${eval_log_path}"
+                    run_step "${eval_cmd}" "${eval_log_path}"
+                    record "${eval_cmd}" "${eval_log_path}"
                 fi
                 # export and inference
                 if [ "${run_export}" != "null" ] && [ -n "${run_export}" ]; then
@@ -416,7 +483,7 @@ else
                         "${LOG_PATH}/${run_name}_nodes_${nodes}_export.log"
 
                     eval "${env}"
-                    func_inference_dirs "${python}" "${inference_py}" "${save_log}" "${LOG_PATH}" "${train_infer_img_dir}" "${flag_quant}" "${gpu}"
+                    func_inference_all "${python}" "${inference_py}" "${save_log}" "${LOG_PATH}" "${train_infer_img_dir}" "${flag_quant}" "${gpu}"
                     eval "unset CUDA_VISIBLE_DEVICES"
                 fi
             done
@@ -424,5 +491,8 @@ else
     done
 fi
 
+if [ "${DRY_RUN}" = "1" ]; then
+    exit 0
+fi
 tipc_summary "${status_log}"
 exit $?

@@ -170,11 +170,12 @@ def infer_main(argv: List[str]) -> int:
     info(f"ONNX model {runner.onnx_file} ({deploy['kind']}, input {size}x{size}), "
          f"onnxruntime CPU, {args.cpu_threads} threads, batch size {args.batch_size}")
     autolog = None
-    if args.enable_benchmark:
-        runner.run(np.zeros((args.batch_size, 3, size, size), dtype=np.float32))  # warm-up, not timed
+    if args.enable_benchmark:  # the logger first (its sampler starts), then the untimed warm-up
         status = {"runtime_device": "cpu (onnxruntime)", "ir_optim": True, "enable_tensorrt": False,
                   "enable_mkldnn": False, "cpu_math_library_num_threads": args.cpu_threads}
-        autolog = make_autologger(status, args.batch_size, "fp32", size)
+        autolog = make_autologger(status, args.batch_size, "fp32", size, deploy=deploy,
+                                  model_path=runner.onnx_file)
+        runner.run(np.zeros((args.batch_size, 3, size, size), dtype=np.float32))  # warm-up, not timed
     output = predict_folder(runner.run, deploy, args.input_file, args.batch_size, args.threshold,
                             args.save_dir, args.save_heatmaps, autolog.times if autolog else None)
     if autolog is not None:

@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -30,12 +31,14 @@ from kdad.data.io import IMAGE_EXTENSIONS, ImageReadError, preprocess, read_imag
 from kdad.deploy.config import (
     DEPLOY_FILENAME,
     INPUT_NAME,
+    MAP_KINDS,
     MODEL_KINDS,
     input_size,
     load_deploy_config,
     read_program_info,
 )
 from kdad.postprocess import blur
+from kdad.utils.autolog import set_data_num
 from kdad.visualize import colorize, colour_range, default_pixel_threshold, overlay, result_panel, save_rgb
 
 MODEL_CANDIDATES = (("model.json", "model.pdiparams"), ("inference.json", "inference.pdiparams"),
@@ -343,7 +346,7 @@ def predict_folder(run: Runner, deploy: Mapping[str, Any], input_path: str, batc
         if threshold is None:
             warn("no threshold in the deploy.yaml and no --threshold: OK/NG labels are left empty")
     statistics = post.get("heatmap_statistics")
-    has_maps = kind in ("heatmap", "feature_map")
+    has_maps = kind in MAP_KINDS
     if has_maps and not statistics:
         warn("the deploy.yaml has no normal heatmap statistics: heatmaps are scaled per image "
              "(not comparable between images)")
@@ -387,6 +390,8 @@ def predict_folder(run: Runner, deploy: Mapping[str, Any], input_path: str, batc
             times.end(stamp=True)
     if not results:
         raise InferenceError(f"none of the {len(paths)} images in '{input_path}' could be read")
+    if times is not None:
+        set_data_num(times, len(results))  # the report's data_num counts images, not batches
     summary = {"images_found": len(paths), "images_scored": len(results), "skipped": len(skipped),
                "ng": sum(r["label"] == "NG" for r in results), "ok": sum(r["label"] == "OK" for r in results),
                "threshold": None if threshold is None else float(threshold), "model_kind": kind,
@@ -419,16 +424,63 @@ def print_summary(summary: Mapping[str, Any], save_dir: Optional[str]) -> None:
 # --- benchmark ---------------------------------------------------------------------------------
 
 
-def make_autologger(config: Any, batch_size: int, precision: str, size: int) -> Any:
-    """``auto_log.AutoLogger`` when installed, else the compatible :mod:`kdad.utils.autolog`."""
+def autolog_model_name(deploy: Optional[Mapping[str, Any]] = None, model_path: Optional[str] = None) -> str:
+    """The report's ``model_name``: ``<method>_<backbone>_<kind>`` from the deploy.yaml (e.g.
+    ``kdad_vgg16_score``), else the model's folder name, else ``KDAD``."""
+    deploy = deploy or {}
+    info = deploy.get("model_info") or {}
+    method = info.get("method")
+    backbone = info.get("expert") or info.get("backbone")
+    if method:
+        return "_".join(str(part) for part in (method, backbone, deploy.get("kind")) if part)
+    if model_path:
+        folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+        return os.path.basename(os.path.normpath(folder)) or "KDAD"
+    return "KDAD"
+
+
+def wait_for_memory_sampler(autolog: Any, timeout: float = 60.0) -> bool:
+    """Wait until upstream AutoLog's memory-sampling child has taken its first sample.
+
+    Upstream starts that child (a spawned Python that imports paddle) in the constructor; until it is
+    up it competes with the timed loop for the CPU. Returns True at once for a logger without one
+    (:mod:`kdad.utils.autolog`), False when ``timeout`` seconds pass first.
+    """
+    queue = getattr(getattr(autolog, "get_mem", None), "mem_q", None)
+    if queue is None or not hasattr(queue, "empty"):
+        return True
+    deadline = time.monotonic() + timeout
+    while queue.empty():
+        if time.monotonic() > deadline:
+            warn(f"auto_log's memory sampler did not start within {timeout:g} s: timing anyway")
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def make_autologger(config: Any, batch_size: int, precision: str, size: int, *,
+                    deploy: Optional[Mapping[str, Any]] = None, model_path: Optional[str] = None,
+                    gpu_ids: Optional[int] = None) -> Any:
+    """``auto_log.AutoLogger`` when installed, else the compatible :mod:`kdad.utils.autolog`.
+
+    Either way it logs through :func:`kdad.utils.autolog.report_logger` (each line once, although
+    Paddle has a root-logger handler), is named after the deployed model (:func:`autolog_model_name`)
+    and samples GPU ``gpu_ids`` (None on CPU). Returns once upstream's memory sampler is running, so
+    create it before the warm-up: then neither the sampler's start nor the warm-up is timed.
+    """
+    from kdad.utils.autolog import report_logger
+
     try:
         from auto_log import AutoLogger
     except ImportError:
         from kdad.utils.autolog import AutoLogger
-    return AutoLogger(model_name="KDAD", model_precision=precision, batch_size=batch_size,
-                      data_shape=f"[3, {size}, {size}]", save_path=None, inference_config=config,
-                      pids=os.getpid(), process_name=None, gpu_ids=None,
-                      time_keys=["preprocess_time", "inference_time", "postprocess_time"], warmup=0)
+    autolog = AutoLogger(model_name=autolog_model_name(deploy, model_path), model_precision=precision,
+                         batch_size=batch_size, data_shape=f"[3, {size}, {size}]", save_path=None,
+                         inference_config=config, pids=os.getpid(), process_name=None, gpu_ids=gpu_ids,
+                         time_keys=["preprocess_time", "inference_time", "postprocess_time"], warmup=0,
+                         logger=report_logger())
+    wait_for_memory_sampler(autolog)
+    return autolog
 
 
 def report_benchmark(autolog: Any) -> None:
@@ -481,8 +533,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     autolog = None
     if args.enable_benchmark:
         size = input_size(deploy)
+        # the logger first (upstream's starts a sampling process), then the untimed warm-up
+        autolog = make_autologger(runner.config, args.batch_size, args.precision, size, deploy=deploy,
+                                  model_path=runner.model_file,
+                                  gpu_ids=options.gpu_id if runner.config.use_gpu() else None)
         runner.run(np.zeros((args.batch_size, 3, size, size), dtype=np.float32))  # warm-up, not timed
-        autolog = make_autologger(runner.config, args.batch_size, args.precision, size)
     output = predict_folder(runner.run, deploy, args.input_file, args.batch_size, args.threshold,
                             args.save_dir, args.save_heatmaps, autolog.times if autolog else None)
     if autolog is not None:

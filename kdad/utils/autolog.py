@@ -8,7 +8,15 @@ upstream package, which TIPC logs are parsed against. Differences, on purpose:
 * memory is the peak resident set size of this process (``resource.getrusage``), not a sampling
   subprocess; GPU memory and utilisation come from ``nvidia-smi`` when ``gpu_ids`` is set;
 * an empty time list gives 0.0 instead of an error; an optional ``per_image`` line divides the mean
-  batch times by the batch size (off by default, so the block is line-for-line upstream's).
+  batch times by the batch size (off by default, so the block is line-for-line upstream's);
+* ``data_num`` can be set to the number of images (:func:`set_data_num`); upstream counts ``end()``
+  calls, i.e. batches;
+* the default logger (:func:`report_logger`) is a stand-alone logger named ``root``, not the real
+  root logger: Paddle installs a handler on the root logger, and upstream's logger, which adds its
+  own handler there, prints every report line twice.
+
+:func:`report_logger` and :func:`set_data_num` work with upstream's ``AutoLogger`` too (pass
+``logger=report_logger()``), which is how :mod:`kdad.deploy.runtime` uses either.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class Times:
         self.total_time: List[float] = []
         self.time_stamps: List[float] = []
         self.stamp_count = 0
+        self.data_num: Optional[int] = None  # reported data_num; None: the number of end() calls
 
     def reset(self) -> None:
         self.times = {key: [] for key in self.keys}
@@ -92,7 +101,8 @@ class Times:
         return {name: self._reduce(self.times.get(name, []), mode) for name in self.keys}
 
     def _num_counts(self) -> int:
-        return len(self.total_time)
+        """The report's ``data_num``: :attr:`data_num` when set, else the number of ``end()`` calls."""
+        return self.data_num if self.data_num is not None else len(self.total_time)
 
     def _report_total_time(self, mode: str = "avg") -> Any:
         if mode == "avg":
@@ -165,8 +175,26 @@ def peak_rss_mb() -> float:
     return round(peak / 1024.0 if sys.platform != "darwin" else peak / 2**20, 4)
 
 
-def _default_logger(save_path: Optional[str]) -> logging.Logger:
-    """A stand-alone logger named ``root`` (upstream's line format) that leaves the real root alone."""
+def set_data_num(times: Any, count: int) -> None:
+    """Make the report's ``data_num`` ``count`` (e.g. images) for this module's or upstream's ``Times``.
+
+    Upstream reports the number of ``end()`` calls, which is the number of batches when a batch is
+    timed as one iteration; its ``Times`` has no setting for it, so its ``_num_counts`` is replaced
+    on that instance.
+    """
+    if isinstance(times, Times):
+        times.data_num = int(count)
+    else:
+        times._num_counts = lambda: int(count)
+
+
+def report_logger(save_path: Optional[str] = None) -> logging.Logger:
+    """A stand-alone logger named ``root`` with upstream's line format, on stdout (and ``save_path``).
+
+    It is not the real root logger and has no parent, so a handler that Paddle (or anything else)
+    put on the root logger never sees its records: each report line is printed once. A new logger
+    is made per call, so repeated reports do not stack handlers.
+    """
     logger = logging.Logger("root", level=logging.DEBUG)
     formatter = logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s",
                                   datefmt="%Y/%m/%d %H:%M:%S")
@@ -221,7 +249,7 @@ class AutoLogger:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
             gpu_ids = int(visible[0]) if visible[:1].isdigit() else 0
         self.gpu_ids = gpu_ids
-        self.logger = logger or _default_logger(save_path)
+        self.logger = logger or report_logger(save_path)
         self.config_status = parse_config(inference_config, model_precision)
         self.paddle_version = paddle.__version__
         self.paddle_commit = (getattr(paddle, "__git_commit__", None)
