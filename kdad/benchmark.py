@@ -95,7 +95,7 @@ def benchmark_method(method: str, checkpoint: Optional[str], config_file: str, a
     trained = state["config"]
     row["backbone"] = trained.get("expert") if method == "kdad" else state.get("backbone")
     row["image_size"] = int(trained["mvtec_img_size"])
-    row["epochs"] = int(state.get("epoch", 0)) + 1 if method == "kdad" else 0
+    row["epochs"] = int(state.get("epoch", 0)) + 1 if method == "kdad" else None  # fitted, not trained
     if row["train_seconds"] is None and state.get("fit"):
         row["train_seconds"] = state["fit"].get("fit_seconds")
     result = run_test(config, checkpoint)

@@ -3,6 +3,7 @@
 #
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD/train_infer_python.txt MODE
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD_EfficientNetLite0/train_infer_python.txt MODE
+#   bash test_tipc/prepare.sh test_tipc/configs/PaDiM/train_infer_python.txt MODE    (also PatchCore)
 #
 # The params files hold one plain value per line (the standard TIPC layout), so the mode-specific
 # parts live at fixed paths that this script points at the mode's data, in test_tipc/data/<model_name>/:
@@ -51,6 +52,10 @@ unset IFS
 set +f
 model_name=$(func_parser_value "${lines[1]}")
 python=$(func_parser_value "${lines[2]}")
+# EXPORT_KINDS: the graphs tools/export_model.py writes (the first one is inferred on);
+# RUN_SUBDIR: where a run's checkpoints go under save_dir (KDAD <class>/, other methods <method>/<class>/)
+EXPORT_KINDS=score,heatmap
+RUN_SUBDIR=
 case "${model_name}" in
     KDAD)  # the paper's VGG16 expert
         NEEDS_VGG16=1
@@ -62,12 +67,27 @@ case "${model_name}" in
         LITE_CONFIG=test_tipc/configs/KDAD_EfficientNetLite0/kdad_effnet_lite.yaml
         WHOLE_CONFIG=configs/efficientnet_lite0.yaml
         ;;
+    PaDiM)  # PaDiM, pretrained EfficientNet-Lite0 backbone
+        NEEDS_VGG16=0
+        LITE_CONFIG=test_tipc/configs/PaDiM/padim_lite.yaml
+        WHOLE_CONFIG=configs/padim.yaml
+        EXPORT_KINDS=anomaly_map
+        RUN_SUBDIR=padim/
+        ;;
+    PatchCore)  # PatchCore, pretrained EfficientNet-Lite0 backbone
+        NEEDS_VGG16=0
+        LITE_CONFIG=test_tipc/configs/PatchCore/patchcore_lite.yaml
+        WHOLE_CONFIG=configs/patchcore.yaml
+        EXPORT_KINDS=anomaly_map
+        RUN_SUBDIR=patchcore/
+        ;;
     *)
-        echo "error: prepare.sh knows the models KDAD and KDAD_EfficientNetLite0, '${FILENAME}' names \
-'${model_name}'" >&2
+        echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM and PatchCore, \
+'${FILENAME}' names '${model_name}'" >&2
         exit 2
         ;;
 esac
+FIRST_KIND=${EXPORT_KINDS%%,*}
 
 DATA_DIR=./test_tipc/data
 LITE_CLASS=tipc_texture
@@ -170,7 +190,7 @@ case ${MODE} in
         check_mvtec
         check_vgg16
         if [ ! -f "${WHOLE_INFER_MODEL}" ]; then
-            fail "${WHOLE_INFER_MODEL} is missing: whole_infer exports and runs a KDAD checkpoint trained \
+            fail "${WHOLE_INFER_MODEL} is missing: whole_infer exports and runs a ${model_name} checkpoint trained \
 on MVTec capsule (none is published). Train one (whole_train_whole_infer, or tools/train.py with \
 the model's config) and copy <save_dir>/<class>/model_final.pdparams there."
         fi
@@ -178,9 +198,9 @@ the model's config) and copy <save_dir>/<class>/model_final.pdparams there."
         activate "${WHOLE_CONFIG}" "${MVTEC_DIR}/${MVTEC_CLASS}" "${MVTEC_DIR}/${MVTEC_CLASS}"
         # the params file's infer_model: an export folder (score/, heatmap/), as a downloaded *_infer.tar
         ${python} tools/export_model.py --config "${TIPC_DIR}/tipc.yaml" --model_path "${WHOLE_INFER_MODEL}" \
-            --save_dir "${TIPC_DIR}/whole_infer" --kinds score,heatmap > "${TIPC_DIR}/whole_infer_export.log" 2>&1 \
+            --save_dir "${TIPC_DIR}/whole_infer" --kinds ${EXPORT_KINDS} > "${TIPC_DIR}/whole_infer_export.log" 2>&1 \
             || { tail -n 30 "${TIPC_DIR}/whole_infer_export.log"; fail "exporting ${WHOLE_INFER_MODEL} failed"; }
-        echo "prepare.sh: exported ${TIPC_DIR}/whole_infer/{score,heatmap}"
+        echo "prepare.sh: exported ${TIPC_DIR}/whole_infer/{${EXPORT_KINDS}}"
         ;;
     paddle2onnx_infer)
         generate ${DATA_DIR}/mini_mvtec 16 4 2
@@ -192,11 +212,12 @@ the model's config) and copy <save_dir>/<class>/model_final.pdparams there."
             -o num_epochs=2 -o log_dir="${train_dir}" > "${train_dir}.log" 2>&1 \
             || { tail -n 30 "${train_dir}.log"; fail "training the lite model failed (${train_dir}.log)"; }
         ${python} tools/export_model.py --config "${LITE_CONFIG}" \
-            --model_path "${train_dir}/${LITE_CLASS}/model_final.pdparams" --save_dir "${LITE_INFER_DIR}" \
+            --model_path "${train_dir}/${RUN_SUBDIR}${LITE_CLASS}/model_final.pdparams" --save_dir "${LITE_INFER_DIR}" \
             > "${LITE_INFER_DIR}_export.log" 2>&1 \
             || { tail -n 30 "${LITE_INFER_DIR}_export.log"; fail "exporting the lite model failed"; }
-        [ -f "${LITE_INFER_DIR}/score/model.json" ] || fail "no ${LITE_INFER_DIR}/score/model.json after export"
-        echo "prepare.sh: exported ${LITE_INFER_DIR}/{score,heatmap}"
+        [ -f "${LITE_INFER_DIR}/${FIRST_KIND}/model.json" ] \
+            || fail "no ${LITE_INFER_DIR}/${FIRST_KIND}/model.json after export"
+        echo "prepare.sh: exported ${LITE_INFER_DIR}/{${EXPORT_KINDS}}"
         ;;
     *)
         echo "error: unknown MODE '${MODE}' (lite_train_lite_infer, lite_train_whole_infer, whole_infer, \

@@ -101,6 +101,9 @@ def fit_method(config: Dict[str, Any], return_model: bool = False):
     from kdad.registry import get_method
 
     spec = get_method(config["method"])
+    if dist.get_world_size() > 1:
+        raise ValueError(f"{config['method']} fits in one pass in one process; run tools/train.py without "
+                         "paddle.distributed.launch (data parallelism applies to trained methods)")
     seed_everything(int(config["seed"]))
     threads = set_cpu_threads(int(config["cpu_threads"]))
     out_dir = class_dir(config)
