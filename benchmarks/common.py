@@ -192,7 +192,7 @@ def make_checkpoint(work_dir: str, expert: str, size: int = 128, n_train: int = 
     config = load_config(None, {
         "dataset_root": data_root, "normal_class": "synthetic", "num_epochs": 1, "mvtec_img_size": size,
         "pretrain": False, "expert": expert, "save_dir": out, "log_dir": os.path.join(out, "logs"),
-        "progress_bar": False, "batch_size": 16, "save_every": 0,
+        "progress_bar": False, "batch_size": 16, "save_every": 0, "overwrite": True,
     })
     path = train(config)
     if not path or not os.path.isfile(path):
@@ -210,7 +210,7 @@ def export_dir(work_dir: str, checkpoint: str) -> str:
         return folder
     from kdad.export import export_model
 
-    export_model(checkpoint, folder)
+    export_model(checkpoint, folder, overwrite=True)  # a stale or partial export is replaced
     return folder
 
 

@@ -20,3 +20,10 @@ def _is_amd_cpu() -> bool:
 # training 7.9 -> 15.4 images/s.
 if _is_amd_cpu():
     os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+
+# Paddle's own noise (the ccache warning of its import, repeated dy2static and loading warnings)
+# stays off the console unless --verbose / KDAD_VERBOSE=1; it goes to the log file instead
+# (kdad/utils/quiet.py). Installed here, before any kdad module imports paddle.
+from kdad.utils import quiet as _quiet  # noqa: E402
+
+_quiet.install()

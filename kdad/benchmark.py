@@ -38,7 +38,8 @@ def run_training(config_file: str, args: argparse.Namespace, method: str, out: s
     command = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--config", config_file,
                "--dataset_root", args.dataset_root, "--normal_class", args.normal_class,
                "--save_dir", os.path.join(out, "runs"), "-o", f"log_dir={os.path.join(out, 'logs')}",
-               "-o", "progress_bar=False", "-o", f"method={method}"]
+               "-o", "progress_bar=False", "-o", f"method={method}",
+               "-o", "overwrite=True"]  # the benchmark's own run folder: a rerun replaces it
     for item in args.override:
         command += ["-o", item]
     started = time.time()
@@ -103,7 +104,7 @@ def benchmark_method(method: str, checkpoint: Optional[str], config_file: str, a
                                                               "image_f1_max")})
     row["checkpoint"] = checkpoint
     kind = TIMED_KIND.get(method, "anomaly_map")
-    folder = export_model(checkpoint, os.path.join(out, "export", method), kinds=[kind])[kind]
+    folder = export_model(checkpoint, os.path.join(out, "export", method), kinds=[kind], overwrite=True)[kind]
     row["model_mb"] = _folder_mb(folder)
     images = AnomalyDataset(list_mvtec(args.dataset_root, args.normal_class, "test"),
                             row["image_size"]).images()[:args.timing_images]

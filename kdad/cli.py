@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional
 
 from kdad.config import ConfigError, load_config, parse_overrides
+from kdad.utils import quiet
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--save_dir", default=None, help="checkpoints go to <save_dir>/<normal_class>/")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. -o num_epochs=10 (repeatable)")
+    quiet.add_verbose_argument(parser)
     return parser
 
 
@@ -31,9 +33,14 @@ def config_from_args(args: argparse.Namespace, extra: Optional[Dict[str, Any]] =
 
 
 def run_main(main: Callable[[List[str]], int]) -> None:
-    """Run ``main`` and turn expected errors into one clear line and exit code 2."""
+    """Run ``main`` and turn expected errors into one clear line and exit code 2, Ctrl-C into one
+    line and exit code 130 (no traceback)."""
     try:
         sys.exit(main(sys.argv[1:]))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, NotADirectoryError, IsADirectoryError,
+            PermissionError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as error:
+        print(f"{error}" if str(error) else "interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -8,6 +8,7 @@ that names the key (and the file).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -29,7 +30,8 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "use_bias": (bool, False, "bias in the cloner's convolutions"),
     "equal_network_size": (bool, False, "cloner config A (VGG16 widths) instead of B"),
     "direction_loss_only": (bool, False, "use only the cosine (direction) term"),
-    "continue_train": (bool, False, "resume from the latest checkpoint in save_dir"),
+    "continue_train": (bool, False, "resume the run in the class folder from its checkpoint_latest (the "
+                                    "network and training keys must match the checkpoint's)"),
     "localization_test": (bool, True, "compute localization maps and pixel metrics in test"),
     "localization_method": (str, "gradients", "gradients | smooth_grad | gbp (the paper's) | feature_map "
                                               "(forward-only map of the exported feature_map/ model)"),
@@ -38,13 +40,22 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "expert": (str, "vgg16", "vgg16 (the paper) or efficientnet_lite0"),
     "expert_weights": (str, "weights/vgg16.pdparams", "VGG16 ImageNet weights (pretrain: True)"),
     "dataset_root": (str, "", "folder holding <normal_class>/train, test, ground_truth"),
-    "save_dir": (str, "output", "checkpoints go to <save_dir>/<normal_class>/"),
+    "save_dir": (str, "output", "checkpoints go to <save_dir>/<normal_class>/ (other methods: "
+                                "<save_dir>/<method>/<normal_class>/); one run per folder"),
+    "overwrite": (bool, False, "start a new run in a class folder that holds another run: delete that run's "
+                               "checkpoints first (without it training refuses)"),
     "log_dir": (str, "logs", "<class>_train.log and <class>_val.log go here"),
     "seed": (int, 42, "random seed (numpy, paddle, python)"),
     "save_every": (int, 10, "checkpoint every N epochs (0: only the final one)"),
     "keep_checkpoints": (bool, True, "keep every periodic checkpoint (needed for checkpoint averaging)"),
     "cache_expert_features": (bool, True, "compute the expert's features once per training image"),
-    "holdout_fraction": (float, 0.1, "fraction of train/good held out for threshold calibration"),
+    "holdout_fraction": (float, 0.1, "fraction of the normal training images held out for threshold "
+                                     "calibration (seeded; recorded in the checkpoint)"),
+    "test_fraction": (float, 0.2, "folder dataset: fraction of the good images kept for the test set "
+                                  "(seeded; never trained on or used for calibration); the rest is split "
+                                  "by holdout_fraction"),
+    "min_calibration_images": (int, 2, "fewest held-out normal images a threshold is calibrated on; with "
+                                       "fewer no threshold is stored (predict/infer then need --threshold)"),
     "false_reject_rate": (float, 0.01, "OK/NG threshold: the rate of held-out normals called NG"),
     "require_masks": (bool, True, "a defective test image without a mask is an error"),
     "good_dir": (str, "good", "folder dataset: name of the normal folder"),
@@ -186,6 +197,9 @@ def _merge(config: Dict[str, Any], values: Mapping[str, Any], source: str) -> No
 
 def validate(config: Mapping[str, Any]) -> None:
     """Check value ranges and choices (types are checked while merging)."""
+    for key, (kind, _, _) in SCHEMA.items():
+        if kind is float and key in config and not math.isfinite(config[key]):
+            raise ConfigError(f"'{key}' must be a finite number, got {config[key]}")
     checks = [
         (config["num_epochs"] >= 1, "num_epochs must be >= 1"),
         (config["batch_size"] >= 1, "batch_size must be >= 1"),
@@ -194,6 +208,10 @@ def validate(config: Mapping[str, Any]) -> None:
          "mvtec_img_size must be a multiple of 32 (the networks pool 5 times)"),
         (config["lamda"] >= 0, "lamda must be >= 0"),
         (0 <= config["holdout_fraction"] < 1, "holdout_fraction must be in [0, 1)"),
+        (0 <= config["test_fraction"] < 1, "test_fraction must be in [0, 1)"),
+        (config["min_calibration_images"] >= 1, "min_calibration_images must be >= 1"),
+        (not (config["continue_train"] and config["overwrite"]),
+         "continue_train and overwrite exclude each other: resume the run or replace it"),
         (0 < config["false_reject_rate"] < 1, "false_reject_rate must be in (0, 1)"),
         (config["localization_method"] in LOCALIZATION_METHODS,
          f"localization_method must be one of {LOCALIZATION_METHODS}"),

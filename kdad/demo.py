@@ -2,7 +2,8 @@
 
 Generates a small MVTec-style class, trains KDAD with the pretrained EfficientNet-Lite0 expert
 (installs offline from PyPI), evaluates on the test split, exports the static models, runs
-Paddle Inference on the test images and writes heatmap panels with the dynamic predictor.
+Paddle Inference on the test images and writes heatmap panels (OK and NG) of the whole test folder
+with the dynamic predictor. ``--verbose`` is passed on to every step.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--kind", default="object", choices=["texture", "object"])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--expert", default="efficientnet_lite0")
+    parser.add_argument("--verbose", action="store_true", help="every step shows Paddle's own messages too")
     args = parser.parse_args(argv)
+    verbose = ["--verbose"] if args.verbose else []
 
     work = os.path.abspath(args.work_dir)
     data, category = os.path.join(work, "data"), f"synthetic_{args.kind}"
@@ -43,17 +46,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     _run("generate data", [py, "-m", "kdad.data.synthetic", "--root", data, "--category", category,
                            "--kind", args.kind, "--size", "64", "--n_train", "60"])
     _run("train", [py, "tools/train.py", *common, "--save_dir", os.path.join(work, "output"),
-                   "-o", f"num_epochs={args.epochs}"])
-    _run("evaluate", [py, "tools/test.py", *common, "--model_path", model])
+                   "-o", f"num_epochs={args.epochs}", "-o", "overwrite=True", *verbose])  # the demo's own run
+    _run("evaluate", [py, "tools/test.py", *common, "--model_path", model, *verbose])
     _run("export", [py, "tools/export_model.py", "--config", "configs/demo.yaml", "--model_path", model,
-                    "--save_dir", export_dir])
+                    "--save_dir", export_dir, "--overwrite", *verbose])
     _run("Paddle Inference (score model, oneDNN)",
          [py, "tools/infer.py", "--model_dir", os.path.join(export_dir, "score"), "--input_file",
           os.path.join(test_images, "blob"), "--enable_mkldnn=True", "--cpu_threads=2", "--batch_size=4",
-          "--save_dir", os.path.join(work, "infer_score")])
-    _run("predict with heatmaps (dynamic graph)",
-         [py, "tools/predict.py", "--image_path", os.path.join(test_images, "scratch"), "--model_path", model,
-          "--save_dir", os.path.join(work, "predict")])
+          "--save_dir", os.path.join(work, "infer_score"), *verbose])
+    _run("predict with heatmaps (dynamic graph), the whole test folder",
+         [py, "tools/predict.py", "--image_path", test_images, "--model_path", model,
+          "--save_dir", os.path.join(work, "predict"), *verbose])
     print(f"\nDone. Metrics: {os.path.join(work, 'logs', category + '_val.log')}; "
           f"heatmap panels: {os.path.join(work, 'predict')}")
     return 0

@@ -284,6 +284,42 @@ def _checked_graph(kind: str, model: Any, size: int, heatmap_backward: Optional[
     return graph, [t.numpy() for t in (out if isinstance(out, (tuple, list)) else [out])]
 
 
+EXPORT_KINDS = tuple(KDAD_KINDS) + ("anomaly_map",)
+
+
+def exported_folders(save_dir: str) -> List[str]:
+    """The exported model folders (``<kind>/`` with a model or deploy.yaml) in ``save_dir``."""
+    found = []
+    for kind in EXPORT_KINDS:
+        folder = os.path.join(save_dir, kind)
+        if os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, name))
+                                         for name in (MODEL_FILENAME, PARAMS_FILENAME, "deploy.yaml")):
+            found.append(kind)
+    return found
+
+
+def prepare_export_dir(save_dir: str, overwrite: bool = False) -> None:
+    """Check ``save_dir`` before exporting: it must be a folder (or not exist) and hold no exported
+    model folder of another export, unless ``overwrite``, which deletes them all (also kinds not
+    exported now, so no deploy.yaml of another checkpoint stays beside the new ones)."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise ValueError(f"--save_dir '{save_dir}' exists and is not a folder; name a folder for the "
+                         "exported models")
+    existing = exported_folders(save_dir)
+    if not existing:
+        return
+    if not overwrite:
+        listed = ", ".join(kind + "/" for kind in existing)
+        raise ValueError(f"'{save_dir}' already holds exported models ({listed}); an export never mixes with "
+                         "another one: choose another --save_dir or replace them with --overwrite")
+    import shutil
+
+    for kind in existing:
+        shutil.rmtree(os.path.join(save_dir, kind))
+    _warn(f"--overwrite: deleted the earlier exported models in '{save_dir}' "
+          f"({', '.join(k + '/' for k in existing)})")
+
+
 def default_kinds(method: str) -> Tuple[str, ...]:
     """The graphs a method exports: KDAD's three kinds, one ``anomaly_map`` graph for the others."""
     return KDAD_KINDS if method == "kdad" else ("anomaly_map",)
@@ -292,8 +328,12 @@ def default_kinds(method: str) -> Tuple[str, ...]:
 def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str, Any]] = None,
                  kinds: Optional[Sequence[str]] = None, probe: bool = True,
                  expected_config: Optional[Mapping[str, Any]] = None,
-                 heatmap_backward: str = "explicit") -> Dict[str, str]:
+                 heatmap_backward: str = "explicit", overwrite: bool = False) -> Dict[str, str]:
     """Export ``kinds`` of checkpoint ``model_path`` to ``<save_dir>/<kind>/``; returns kind -> folder.
+
+    ``save_dir`` must not hold models of another export (:func:`prepare_export_dir`): with
+    ``overwrite`` every exported model folder in it is deleted first, so an export never mixes with
+    another one.
 
     The networks, input size and everything else come from the checkpoint's config; ``overrides``
     may change non-network keys (e.g. ``dataset_root``, used for the feature-map statistics).
@@ -302,6 +342,7 @@ def export_model(model_path: str, save_dir: str, overrides: Optional[Mapping[str
     """
     if heatmap_backward not in HEATMAP_BACKWARDS:
         raise ValueError(f"unknown heatmap_backward {heatmap_backward!r}; choose from {HEATMAP_BACKWARDS}")
+    prepare_export_dir(save_dir, overwrite)
     model, checkpoint, config = load_model(model_path, overrides)
     check_requested(model_path, checkpoint, explicit_values(expected_config))
     allowed = default_kinds(config["method"])

@@ -300,6 +300,22 @@ def test_dataset_errors_name_the_file(tmp_path: Path) -> None:
         AnomalyDataset([Sample(good.path, 1, "x", small_mask)], 8)
 
 
+def test_dataset_reports_every_unreadable_file_at_once(tmp_path: Path) -> None:
+    files = _corrupt_files(tmp_path)
+    good = Sample(str(tmp_path / "good.png"), 0, "good", None)
+    small_mask = _save_pil(tmp_path / "small_mask.png", np.zeros((4, 4), np.uint8))
+    samples = [good] + [Sample(p, 0, "good", None) for p in files.values()] + [
+        Sample(good.path, 1, "x", small_mask), Sample(str(tmp_path / "missing_file.png"), 0, "good", None)]
+    with pytest.raises(ImageReadError) as info:
+        AnomalyDataset(samples, 8)
+    message = str(info.value)
+    assert message.startswith(f"6 of {len(samples)} files cannot be read")
+    for name in ("truncated_file.png", "garbage_file.png", "notes_renamed.png", "empty_file.png",
+                 "small_mask.png", "missing_file.png"):
+        assert name in message
+    assert len(message.splitlines()) == 1 + 6  # the summary, then one line per file
+
+
 def test_empty_dataset() -> None:
     ds = AnomalyDataset([], 8)
     assert len(ds) == 0 and ds.images().shape == (0, 3, 8, 8) and ds.masks().shape == (0, 8, 8)
@@ -322,6 +338,24 @@ def test_split_holdout() -> None:
     assert len(split_holdout(1, 0.5, 0)[1]) == 0
     with pytest.raises(ValueError):
         split_holdout(10, 1.5, 0)
+
+
+def test_split_folder_good() -> None:
+    from kdad.data.datasets import split_folder_good
+
+    train, hold, test = split_folder_good(60, 0.2, 0.1, seed=3)
+    assert (len(train), len(hold), len(test)) == (43, 5, 12)
+    assert np.array_equal(np.sort(np.concatenate([train, hold, test])), np.arange(60))  # disjoint, complete
+    for part in (train, hold, test):
+        assert np.all(np.diff(part) > 0)
+    again = split_folder_good(60, 0.2, 0.1, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip((train, hold, test), again))
+    assert not np.array_equal(test, split_folder_good(60, 0.2, 0.1, seed=4)[2])
+    assert len(split_folder_good(60, 0.0, 0.1, seed=3)[2]) == 0
+    assert [len(p) for p in split_folder_good(1, 0.2, 0.1, seed=0)] == [1, 0, 0]  # training keeps its image
+    assert [len(p) for p in split_folder_good(2, 0.5, 0.5, seed=0)] == [1, 0, 1]
+    with pytest.raises(ValueError):
+        split_folder_good(10, 1.0, 0.1, 0)
 
 
 # ----------------------------------------------------------------------------- synthetic class

@@ -235,8 +235,36 @@ def test_infer_folder_with_corrupt_file(trained, exported_autograd, reference, t
     for path, score in zip(reference["paths"], reference["scores"]):
         row = by_name[os.path.relpath(path, trained["test_dir"])]
         assert row["score"] == pytest.approx(float(score), rel=REL)
-        assert row["label"] in ("OK", "NG") and os.path.isfile(row["heatmap"])
-    assert (out_dir / "results.csv").read_text().count("\n") == len(reference["paths"]) + 1
+        assert row["decision"] == ("NG" if row["score"] > row["threshold"] else "OK")
+        assert os.path.isfile(row["result_image"]) and row["map_max"] > 0 and row["anomalous_area"] >= 0
+    # one schema with tools/predict.py (kdad.deploy.runtime.RESULT_COLUMNS)
+    lines = (out_dir / "results.csv").read_text().splitlines()
+    assert lines[0] == "image,score,decision,threshold,map_max,anomalous_area,result_image"
+    assert len(lines) == len(reference["paths"]) + 1
+    saved = json.loads((out_dir / "results.json").read_text())["results"]
+    assert all(list(row) == lines[0].split(",") for row in saved)
+
+
+@pytest.mark.parametrize("flag,word", [("--threshold=nan", "threshold"), ("--threshold=-inf", "threshold"),
+                                       ("--batch_size=0", "batch_size"), ("--pixel_threshold=nan", "pixel")])
+def test_infer_rejects_bad_values_before_loading(exported, reference, tmp_path, monkeypatch, capsys, flag,
+                                                 word) -> None:
+    """A non-finite threshold never calls every image OK, batch size 0 fails before the model loads."""
+    err = _cli_error(monkeypatch, capsys, "tools/infer.py",
+                     [f"--model_dir={tmp_path / 'no_model_here'}", f"--input_file={reference['paths'][0]}",
+                      f"--save_dir={tmp_path / 'out'}", flag])
+    assert word in err and "no_model_here" not in err and not (tmp_path / "out").exists()
+    from kdad.deploy.runtime import predict_folder
+
+    deploy = load_deploy_config(exported["score"])
+    with pytest.raises(InferenceError, match="finite"):
+        predict_folder(lambda batch: [np.zeros(len(batch))], deploy, reference["paths"][0],
+                       threshold=float("nan"))
+    nan_score = predict_folder(lambda batch: [np.full(len(batch), np.nan)], deploy, reference["paths"][0])
+    assert nan_score["results"][0]["decision"] == "NG"  # a score that is not a number is never OK
+    bad = dict(deploy, postprocess=dict(deploy["postprocess"], threshold=float("nan")))
+    with pytest.raises(InferenceError, match="finite"):  # a broken deploy.yaml threshold, too
+        predict_folder(lambda batch: [np.zeros(len(batch))], bad, reference["paths"][0])
 
 
 def test_mkldnn_flag_really_off(exported, reference, tmp_path) -> None:

@@ -141,7 +141,7 @@ def test_predict_and_infer_give_the_same_decisions(fitted, data_root):
                             save_dir=os.path.join(fitted["out"], "infer"))
     by_file = {os.path.basename(r["image"]): r for r in static["results"]}
     for row in dynamic:
-        other = by_file[os.path.basename(row["file"])]
+        other = by_file[os.path.basename(row["image"])]
         assert other["score"] == pytest.approx(row["score"], rel=1e-4)
-        assert other["label"] == row["decision"]
+        assert other["decision"] == row["decision"]
         assert os.path.isfile(row["result_image"])

@@ -30,6 +30,9 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--heatmap_backward", default="explicit", choices=("explicit", "autograd"),
                         help="heatmap graph: hand-written backward with forward ops (converts to ONNX; "
                              "default) or paddle.grad inside the graph (oneDNN off, no ONNX)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the exported models already in --save_dir (all kinds; without it an "
+                             "existing export is an error)")
     args = parser.parse_args(argv)
     if not args.save_dir:
         parser.error("--save_dir is required")
@@ -44,7 +47,7 @@ def main(argv: List[str]) -> int:
     written = export_model(args.model_path, args.save_dir, overrides,
                            expected_config=requested if args.config else None,
                            kinds=[k.strip() for k in (args.kinds or "").split(",") if k.strip()] or None,
-                           heatmap_backward=args.heatmap_backward)
+                           heatmap_backward=args.heatmap_backward, overwrite=args.overwrite)
     for kind, folder in written.items():
         print(f"{kind}: {folder}")
     return 0

@@ -2,7 +2,9 @@
 
 Flags (booleans as True/False, ``--flag=value`` or ``--flag value``): --use_gpu --enable_mkldnn
 --cpu_threads --batch_size --model_file --params_file --model_dir --model_kind --input_file
---enable_benchmark --precision --use_tensorrt --threshold --save_dir. See deploy/README.md.
+--enable_benchmark --precision --use_tensorrt --threshold --pixel_threshold --save_dir
+--save_heatmaps --display_size --verbose. See deploy/README.md. Input, results.csv / results.json and
+--cpu_threads (0 = all cores) mean the same as for tools/predict.py (kdad/deploy/runtime.py).
 """
 
 import os

@@ -3,6 +3,7 @@ python tools/train.py --config CFG --dataset_root DIR --normal_class NAME [-o me
 """
 
 import os
+import shlex
 import sys
 from typing import List
 
@@ -15,9 +16,18 @@ def main(argv: List[str]) -> int:
     parser = base_parser("Train (KDAD) or fit (PaDiM, PatchCore) a model on normal images of one class.")
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    from kdad.engine.trainer import train
+    from kdad.engine.trainer import TrainingInterrupted, train
 
-    path = train(config)
+    try:
+        path = train(config)
+    except TrainingInterrupted as interrupted:
+        if not interrupted.resumable:
+            raise
+        resume = [] if config["continue_train"] else ["-o", "continue_train=True"]
+        if config["overwrite"]:
+            resume += ["-o", "overwrite=False"]
+        command = shlex.join(["python", os.path.relpath(__file__), *argv, *resume])
+        raise TrainingInterrupted(f"{interrupted}; resume with: {command}", True) from None
     if path:
         print(f"final model: {path}")
     return 0

@@ -10,7 +10,15 @@ from typing import List, Optional, Tuple
 import numpy as np
 import paddle
 
-from kdad.data.io import IMAGE_EXTENSIONS, read_image, read_mask, resize_mask, resize_rgb, to_chw_float
+from kdad.data.io import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    read_image,
+    read_mask,
+    resize_mask,
+    resize_rgb,
+    to_chw_float,
+)
 
 MVTEC_LAYOUT = (
     "expected MVTec AD layout: <root>/<category>/train/good/*.png, <root>/<category>/test/<type>/*.png "
@@ -153,9 +161,23 @@ class AnomalyDataset(paddle.io.Dataset):
         if preload and self.samples:
             workers = min(8, os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=workers) as pool:  # cv2 releases the GIL
-                loaded = list(pool.map(self._load, range(len(self.samples))))
+                loaded = list(pool.map(self._try_load, range(len(self.samples))))
+            errors = [item for item in loaded if isinstance(item, Exception)]
+            if len(errors) == 1:
+                raise errors[0]
+            if errors:  # every unreadable file at once, not only the first one
+                listed = "\n  ".join(str(error) for error in errors)
+                raise ImageReadError(f"{len(errors)} of {len(self.samples)} files cannot be read "
+                                     f"(fix or remove them all, then run again):\n  {listed}")
             self._images = np.stack([image for image, _ in loaded])
             self._masks = [mask for _, mask in loaded]
+
+    def _try_load(self, i: int):
+        """:meth:`_load`, or the error (an unreadable image or a mask of the wrong size) it raised."""
+        try:
+            return self._load(i)
+        except ValueError as error:  # ImageReadError is a ValueError
+            return error
 
     def _load(self, i: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Decode sample ``i``: resized ``uint8`` RGB image and resized mask (None when absent)."""
@@ -225,3 +247,20 @@ def split_holdout(n: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.nd
     k = min(max(int(round(n * fraction)), 1), n - 1) if fraction > 0 and n >= 2 else 0
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[k:]).astype(np.int64), np.sort(order[:k]).astype(np.int64)
+
+
+def split_folder_good(n: int, test_fraction: float, holdout_fraction: float,
+                      seed: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic split of the ``n`` good images of a folder dataset into sorted
+    ``(train, holdout, test)`` indices that never overlap.
+
+    ``test`` has ``round(n * test_fraction)`` images (at least 1 when ``test_fraction > 0`` and
+    ``n >= 2``; training keeps at least one); the rest is split by :func:`split_holdout` with
+    ``holdout_fraction`` (calibration). Seeded: the same ``seed`` gives the same split.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test fraction must be in [0, 1), got {test_fraction}")
+    # another stream than the hold-out split's, so the two splits are independent
+    rest, test = split_holdout(n, test_fraction, seed + 7919)
+    train_in_rest, holdout_in_rest = split_holdout(len(rest), holdout_fraction, seed)
+    return rest[train_in_rest], rest[holdout_in_rest], test

@@ -26,15 +26,23 @@ from kdad.deploy.config import (
     write_deploy_config,
 )
 from kdad.deploy.runtime import (
+    RESULT_COLUMNS,
     InferenceError,
+    check_run_options,
+    cpu_thread_count,
+    finite_float,
     info,
+    list_images,
     make_autologger,
+    non_negative_int,
+    positive_int,
     predict_folder,
     print_summary,
     report_benchmark,
     resolve_model_files,
     str2bool,
 )
+from kdad.utils import quiet
 
 ONNX_FILENAME = "model.onnx"
 
@@ -98,7 +106,7 @@ class OnnxRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, int(threads))
+        options.intra_op_num_threads = cpu_thread_count(threads)  # 0: all cores
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # no "unused initializer" warnings
         try:
@@ -139,6 +147,7 @@ def load_onnx_model(model_dir: Optional[str] = None, onnx_file: Optional[str] = 
 
 def convert_main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description="Convert an exported KDAD model to ONNX (paddle2onnx).")
+    quiet.add_verbose_argument(parser)
     parser.add_argument("--model_dir", required=True,
                         help="exported model folder (e.g. <export>/score) or the export folder")
     parser.add_argument("--model_kind", default=None, choices=MODEL_KINDS,
@@ -153,31 +162,44 @@ def convert_main(argv: List[str]) -> int:
 
 
 def infer_main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(description="KDAD inference with onnxruntime (results as infer.py).")
+    parser = argparse.ArgumentParser(
+        description="KDAD inference with onnxruntime (results as infer.py).",
+        epilog="results.csv / results.json columns: " + ", ".join(RESULT_COLUMNS) + " (as tools/infer.py).")
     parser.add_argument("--model_dir", default=None, help="folder with model.onnx and deploy.yaml")
     parser.add_argument("--onnx_file", default=None, help="model.onnx (deploy.yaml beside it)")
-    parser.add_argument("--input_file", required=True, help="an image or a folder of images (recursive)")
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--cpu_threads", type=int, default=2)
-    parser.add_argument("--threshold", type=float, default=None, help="NG iff score > threshold")
+    parser.add_argument("--input_file", required=True,
+                        help="an image, or a folder: every image in it and in its sub-folders")
+    parser.add_argument("--batch_size", type=positive_int, default=1)
+    parser.add_argument("--cpu_threads", type=non_negative_int, default=0,
+                        help="CPU threads, 0 (default): all cores")
+    parser.add_argument("--threshold", type=finite_float, default=None, help="NG iff score > threshold")
+    parser.add_argument("--pixel_threshold", type=finite_float, default=None,
+                        help="map value outlined as anomalous (default: kdad/visualize.py's rule)")
     parser.add_argument("--save_dir", default="output/inference_onnx", help="results.csv/json and heatmaps/")
     parser.add_argument("--save_heatmaps", type=str2bool, default=True)
+    parser.add_argument("--display_size", type=positive_int, default=256,
+                        help="size of each heatmap-panel tile (about display_size^2 pixels)")
     parser.add_argument("--enable_benchmark", "--benchmark", dest="enable_benchmark", type=str2bool,
                         default=False, help="print an auto_log benchmark report")
+    quiet.add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    check_run_options(args.batch_size, args.cpu_threads, args.threshold, args.pixel_threshold)
+    list_images(args.input_file, exclude=[args.save_dir])  # a bad input fails before the model loads
     runner, deploy = load_onnx_model(args.model_dir, args.onnx_file, args.cpu_threads)
     size = input_size(deploy)
     info(f"ONNX model {runner.onnx_file} ({deploy['kind']}, input {size}x{size}), "
-         f"onnxruntime CPU, {args.cpu_threads} threads, batch size {args.batch_size}")
+         f"onnxruntime CPU, {cpu_thread_count(args.cpu_threads)} threads, batch size {args.batch_size}")
     autolog = None
     if args.enable_benchmark:  # the logger first (its sampler starts), then the untimed warm-up
         status = {"runtime_device": "cpu (onnxruntime)", "ir_optim": True, "enable_tensorrt": False,
-                  "enable_mkldnn": False, "cpu_math_library_num_threads": args.cpu_threads}
+                  "enable_mkldnn": False,
+                  "cpu_math_library_num_threads": cpu_thread_count(args.cpu_threads)}
         autolog = make_autologger(status, args.batch_size, "fp32", size, deploy=deploy,
                                   model_path=runner.onnx_file)
         runner.run(np.zeros((args.batch_size, 3, size, size), dtype=np.float32))  # warm-up, not timed
     output = predict_folder(runner.run, deploy, args.input_file, args.batch_size, args.threshold,
-                            args.save_dir, args.save_heatmaps, autolog.times if autolog else None)
+                            args.save_dir, args.save_heatmaps, autolog.times if autolog else None,
+                            args.pixel_threshold, args.display_size)
     if autolog is not None:
         report_benchmark(autolog)
     print_summary(output["summary"], args.save_dir)

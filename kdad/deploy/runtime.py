@@ -9,8 +9,23 @@
   GPU or TensorRT asked where unavailable: a warning, then CPU. Never ``enable_memory_optim`` (it
   breaks json models in Paddle 3.3.1).
 * Images: exactly the training preprocessing (:func:`kdad.data.io.preprocess`). Results: score,
-  OK/NG (``score > threshold``), heatmap PNGs coloured with the deploy.yaml normal statistics (not
-  per image), ``results.csv`` and ``results.json``.
+  OK/NG (``score > threshold``), heatmap panels (:mod:`kdad.visualize`: fixed colours from the
+  deploy.yaml normal statistics, pixel threshold by its documented rule), ``results.csv`` and
+  ``results.json``.
+
+Shared with ``tools/predict.py`` (:mod:`kdad.engine.predictor`), so that both tools mean the same:
+
+* input (:func:`list_images`): one image file, or every image file under a folder, sub-folders
+  included (sorted by path; the output folder is left out when it lies inside);
+* results (:data:`RESULT_COLUMNS`, :func:`write_results`): ``results.csv`` with the columns
+  ``image, score, decision, threshold, map_max, anomalous_area, result_image`` and ``results.json``
+  ``{"summary": {...}, "results": [rows with the same keys]}``. ``decision`` is ``NG`` iff
+  ``score > threshold`` (a score that is not a finite number is ``NG`` too), else ``OK``, and empty
+  when no threshold is known (infer without one); ``map_max`` is the map's maximum and
+  ``anomalous_area`` the fraction of map pixels over the pixel threshold (empty for a score-only
+  model); ``result_image`` is the panel's PNG (empty when none was written);
+* ``--cpu_threads N``: N CPU math threads, ``0`` (the default) all cores; ``--batch_size`` >= 1;
+  ``--threshold`` / ``--pixel_threshold`` finite numbers: all checked before a model is loaded.
 """
 
 from __future__ import annotations
@@ -18,13 +33,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 
 from kdad.data.io import IMAGE_EXTENSIONS, ImageReadError, preprocess, read_image
@@ -38,13 +53,17 @@ from kdad.deploy.config import (
     read_program_info,
 )
 from kdad.postprocess import blur
+from kdad.utils import quiet
 from kdad.utils.autolog import set_data_num
-from kdad.visualize import colorize, colour_range, default_pixel_threshold, overlay, result_panel, save_rgb
+from kdad.visualize import display_scale, map_maximum, over_threshold, result_panel, save_rgb
 
 MODEL_CANDIDATES = (("model.json", "model.pdiparams"), ("inference.json", "inference.pdiparams"),
                     ("model.pdmodel", "model.pdiparams"), ("inference.pdmodel", "inference.pdiparams"))
 PRECISIONS = ("fp32", "fp16", "int8")
 HEATMAP_DIR = "heatmaps"
+CSV_NAME, JSON_NAME = "results.csv", "results.json"
+#: the columns of results.csv and the keys of each results.json row, for infer.py and predict.py
+RESULT_COLUMNS = ("image", "score", "decision", "threshold", "map_max", "anomalous_area", "result_image")
 
 
 class InferenceError(ValueError):
@@ -69,6 +88,59 @@ def str2bool(value: Any) -> bool:
     if text in ("false", "0", "no", "n", "off", "none", "null"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def finite_float(value: Any) -> float:
+    """A float that is a real number (``nan``, ``inf`` are refused): thresholds."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _integer(value: Any) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+def positive_int(value: Any) -> int:
+    """An integer >= 1 (``--batch_size``)."""
+    number = _integer(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    """An integer >= 0 (``--cpu_threads``, 0 = all cores)."""
+    number = _integer(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all cores) or more, got {number}")
+    return number
+
+
+def cpu_thread_count(threads: int) -> int:
+    """The number of CPU math threads of ``--cpu_threads``: ``threads``, or all cores for 0."""
+    if int(threads) < 0:
+        raise InferenceError(f"cpu_threads must be 0 (all cores) or more, got {threads}")
+    return int(threads) or (os.cpu_count() or 1)
+
+
+def check_run_options(batch_size: int, cpu_threads: int = 0, threshold: Optional[float] = None,
+                      pixel_threshold: Optional[float] = None) -> None:
+    """The options checked before anything is loaded (same rules as the argparse types)."""
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise InferenceError(f"batch_size must be an integer >= 1, got {batch_size}")
+    if int(cpu_threads) != cpu_threads or cpu_threads < 0:
+        raise InferenceError(f"cpu_threads must be 0 (all cores) or more, got {cpu_threads}")
+    for name, value in (("threshold", threshold), ("pixel_threshold", pixel_threshold)):
+        if value is not None and not math.isfinite(float(value)):
+            raise InferenceError(f"{name} must be a finite number, got {value}")
 
 
 # --- model files -----------------------------------------------------------------------------
@@ -159,13 +231,19 @@ class PaddleRunner:
         self.model_file = model_file
         self.input_name = predictor.get_input_names()[0]
         self.output_names = list(predictor.get_output_names())
+        self._first_run = True
 
     def run(self, batch: np.ndarray) -> List[np.ndarray]:
         handle = self.predictor.get_input_handle(self.input_name)
         handle.reshape(list(batch.shape))
         handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
         try:
-            self.predictor.run()
+            if self._first_run:  # oneDNN kernels print their checks on the first run: filtered
+                self._first_run = False
+                with quiet.native_stdout_filtered():
+                    self.predictor.run()
+            else:
+                self.predictor.run()
         except Exception as error:  # noqa: BLE001 - Paddle raises several types; re-raised clearly
             raise InferenceError(f"running '{self.model_file}' on input {list(batch.shape)} failed: "
                                  f"{_last_line(error)}") from error
@@ -212,7 +290,7 @@ def create_paddle_predictor(model_file: str, params_file: str, options: Predicto
                                               use_static=False, use_calib_mode=False)
     else:
         config.disable_gpu()
-        config.set_cpu_math_library_num_threads(max(1, int(options.cpu_threads)))
+        config.set_cpu_math_library_num_threads(cpu_thread_count(options.cpu_threads))
         mkldnn = bool(options.enable_mkldnn)
         if mkldnn and engine.get("onednn") is False:
             info(f"oneDNN disabled for this {deploy.get('kind', '')} model although --enable_mkldnn=True: "
@@ -257,21 +335,32 @@ def load_paddle_model(model_dir: Optional[str], model_file: Optional[str], param
 # --- inputs ------------------------------------------------------------------------------------
 
 
-def list_images(path: str) -> List[str]:
-    """One image file, or every image (by extension) under a folder, recursively and sorted."""
+def is_image_file(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(path: str, exclude: Sequence[Optional[str]] = ()) -> List[str]:
+    """One image file, or every image file (by extension) under a folder, sub-folders included,
+    sorted; hidden folders (``.name``) and the folders in ``exclude`` (the output folder) are left out.
+    The same for ``tools/infer.py`` and ``tools/predict.py``."""
     if not path:
         raise InferenceError("no input given: pass --input_file IMAGE_OR_FOLDER")
+    supported = ", ".join(IMAGE_EXTENSIONS)
     if os.path.isfile(path):
+        if not is_image_file(path):
+            raise InferenceError(f"'{path}' is not an image file (supported: {supported})")
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"input '{path}' does not exist")
+    skip = {os.path.realpath(folder) for folder in exclude if folder}
     found = []
     for folder, subfolders, files in os.walk(path):
-        subfolders.sort()
-        found += [os.path.join(folder, name) for name in sorted(files)
-                  if name.lower().endswith(IMAGE_EXTENSIONS)]
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")
+                               and os.path.realpath(os.path.join(folder, name)) not in skip)
+        found += [os.path.join(folder, name) for name in sorted(files) if is_image_file(name)]
     if not found:
-        raise InferenceError(f"no images found in '{path}' (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise InferenceError(f"no images found: '{path}' and its sub-folders hold no image file "
+                             f"(supported: {supported})")
     return found
 
 
@@ -296,33 +385,108 @@ def iter_batches(paths: Sequence[str], size: int, batch_size: int, skipped: List
         yield names, originals, np.stack([preprocess(im, size) for im in originals])
 
 
+# --- results -----------------------------------------------------------------------------------
+
+
+def decide(score: float, threshold: Optional[float]) -> str:
+    """``NG`` iff ``score > threshold`` or the score is not a finite number, else ``OK``; no
+    threshold: ``""``."""
+    if threshold is None:
+        return ""
+    if not math.isfinite(score):
+        return "NG"
+    return "NG" if score > threshold else "OK"
+
+
+def result_row(image: str, score: float, threshold: Optional[float], raw_map: Optional[np.ndarray] = None,
+               pixel_threshold: Optional[float] = None, result_image: Optional[str] = None) -> Dict[str, Any]:
+    """One row of :data:`RESULT_COLUMNS` (None where it does not apply)."""
+    map_max = area = None
+    if raw_map is not None:
+        map_max = map_maximum(raw_map)[0]
+        if pixel_threshold is not None:
+            area = float(over_threshold(raw_map, pixel_threshold).mean())
+    return {"image": image, "score": float(score), "decision": decide(score, threshold),
+            "threshold": None if threshold is None else float(threshold), "map_max": map_max,
+            "anomalous_area": area, "result_image": result_image}
+
+
+def result_line(row: Mapping[str, Any]) -> str:
+    """The console line of one result (both tools)."""
+    if row["threshold"] is None:
+        return f"{row['image']}: score {row['score']:.6g} (no threshold)"
+    return f"{row['image']}: score {row['score']:.6g} -> {row['decision']} (threshold {row['threshold']:.6g})"
+
+
+def summarize(images_found: int, results: List[Dict[str, Any]], skipped: List[Dict[str, str]],
+              threshold: Optional[float], **extra: Any) -> Dict[str, Any]:
+    """The ``summary`` of results.json (both tools)."""
+    return {"images_found": images_found, "images_scored": len(results), "skipped": len(skipped),
+            "ng": sum(r["decision"] == "NG" for r in results),
+            "ok": sum(r["decision"] == "OK" for r in results),
+            "threshold": None if threshold is None else float(threshold), **extra, "skipped_files": skipped}
+
+
+def output_name(path: str, root: str) -> str:
+    """A flat file stem for ``path`` (its path under the input folder, '/' -> '_')."""
+    relative = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
+    return os.path.splitext(relative)[0].replace(os.sep, "_").replace("/", "_")
+
+
+def unique_output_name(path: str, root: str, used: Dict[str, int], suffix: str) -> str:
+    """:func:`output_name` + ``suffix``, with ``_2``, ``_3`` ... when two inputs flatten alike."""
+    stem = output_name(path, root)
+    count = used.get(stem, 0)
+    used[stem] = count + 1
+    return f"{stem}{suffix}" if count == 0 else f"{stem}_{count + 1}{suffix}"
+
+
+def write_results(save_dir: str, results: List[Dict[str, Any]], summary: Mapping[str, Any]) -> None:
+    """``results.csv`` (:data:`RESULT_COLUMNS`, empty cells for None) and ``results.json``."""
+    os.makedirs(save_dir, exist_ok=True)
+    with open(os.path.join(save_dir, CSV_NAME), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in results:
+            writer.writerow({key: "" if row.get(key) is None else row[key] for key in RESULT_COLUMNS})
+    with open(os.path.join(save_dir, JSON_NAME), "w", encoding="utf-8") as handle:
+        json.dump({"summary": dict(summary), "results": [{key: row.get(key) for key in RESULT_COLUMNS}
+                                                         for row in results]}, handle, indent=2)
+
+
+def print_summary(summary: Mapping[str, Any], save_dir: Optional[str]) -> None:
+    threshold = summary["threshold"]
+    info(f"scored {summary['images_scored']} of {summary['images_found']} images "
+         f"({summary['skipped']} unreadable, skipped); {summary['ok']} OK, {summary['ng']} NG "
+         f"({'no threshold' if threshold is None else f'threshold {threshold:.6g}'})")
+    if save_dir:
+        info(f"results: {os.path.join(save_dir, CSV_NAME)} and {JSON_NAME}")
+
+
 # --- heatmaps ----------------------------------------------------------------------------------
 
 
 def heatmap_image(image: np.ndarray, heatmap: np.ndarray, score: float, threshold: Optional[float],
-                  statistics: Optional[Mapping[str, float]], name: str = "") -> np.ndarray:
-    """The PNG of one image (RGB), coloured as :mod:`kdad.visualize` does for the dynamic predictor:
-    a fixed colour range from the deploy.yaml normal statistics (``p50`` dark blue, ``p999``
-    mid-scale), the same for every image, so normal images stay cool. With a threshold: the panel
-    ``original | heatmap | overlay`` with the outline of pixels over ``p999`` and the OK/NG caption.
-    Without statistics (no calibration) the range is the image's own min..max (caller warns)."""
-    if statistics:
-        low, high = colour_range(statistics)
-    else:
-        low, high = float(heatmap.min()), float(heatmap.max())
-        high = high if high > low else low + 1e-12
-    if threshold is None or not statistics:
-        size = heatmap.shape[0]
-        shown = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        return np.concatenate([shown, overlay(shown, colorize(heatmap, low, high))], axis=1)
-    return result_panel(image, heatmap, score, float(threshold), low, high,
-                        default_pixel_threshold(statistics), name=name)
+                  scale: Mapping[str, Any], name: str = "", display_size: int = 256) -> np.ndarray:
+    """The panel of one image (:func:`kdad.visualize.result_panel`) with the run's fixed ``scale``
+    (:func:`kdad.visualize.display_scale`). Without a colour range (no normal statistics) the image's
+    own min..max is used and the panel says so (the caller warns once)."""
+    low, high = scale.get("colour_low"), scale.get("colour_high")
+    note = "fixed colour scale from held-out normal maps"
+    if low is None or high is None:
+        finite = np.asarray(heatmap, np.float64)[np.isfinite(heatmap)]
+        low = float(finite.min()) if finite.size else 0.0
+        high = float(finite.max()) if finite.size else 1.0
+        high = high if high > low else low + max(abs(low), 1e-12)
+        note = "per-image scale (no normal statistics: not comparable between images)"
+    return result_panel(image, heatmap, score, threshold, low, high, scale.get("pixel_threshold"),
+                        display_size=display_size, name=name,
+                        pixel_note=scale.get("pixel_threshold_source", ""), scale_note=note)
 
 
-def output_name(path: str, root: str) -> str:
-    """A flat, unique file stem for ``path`` (its path under the input folder, '/' -> '_')."""
-    relative = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
-    return os.path.splitext(relative)[0].replace(os.sep, "_").replace("/", "_")
+def shown_name(path: str, root: str) -> str:
+    """The name in a panel's title: the path under the input folder, or the file name."""
+    return os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
 
 
 # --- the batch loop ----------------------------------------------------------------------------
@@ -333,26 +497,38 @@ Runner = Callable[[np.ndarray], List[np.ndarray]]
 
 def predict_folder(run: Runner, deploy: Mapping[str, Any], input_path: str, batch_size: int = 1,
                    threshold: Optional[float] = None, save_dir: Optional[str] = None,
-                   write_heatmaps: bool = True, times: Any = None) -> Dict[str, Any]:
-    """Score every image of ``input_path``; write results (and heatmaps) to ``save_dir``."""
-    if batch_size < 1:
-        raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
-    paths = list_images(input_path)
+                   write_heatmaps: bool = True, times: Any = None, pixel_threshold: Optional[float] = None,
+                   display_size: int = 256) -> Dict[str, Any]:
+    """Score every image of ``input_path``; write results (and heatmap panels) to ``save_dir``."""
+    check_run_options(batch_size, 0, threshold, pixel_threshold)
+    paths = list_images(input_path, exclude=[save_dir])
     size = input_size(deploy)
     post = deploy.get("postprocess") or {}
     kind = deploy["kind"]
+    calibrated = post.get("threshold")
+    if calibrated is not None and not math.isfinite(float(calibrated)):
+        raise InferenceError(f"the {DEPLOY_FILENAME} threshold is not a finite number ({calibrated}): "
+                             "re-export the model, or pass --threshold T")
     if threshold is None:
-        threshold = post.get("threshold")
+        threshold = calibrated
         if threshold is None:
-            warn("no threshold in the deploy.yaml and no --threshold: OK/NG labels are left empty")
+            warn("no threshold in the deploy.yaml and no --threshold: OK/NG decisions are left empty")
     statistics = post.get("heatmap_statistics")
     has_maps = kind in MAP_KINDS
-    if has_maps and not statistics:
-        warn("the deploy.yaml has no normal heatmap statistics: heatmaps are scaled per image "
-             "(not comparable between images)")
+    method = str((deploy.get("model_info") or {}).get("method") or "kdad")
+    scale: Dict[str, Any] = {"pixel_threshold": None}
+    if has_maps:
+        try:
+            scale = display_scale(method, statistics, threshold, calibrated, pixel_threshold)
+        except ValueError as error:
+            raise InferenceError(f"the {DEPLOY_FILENAME} heatmap statistics are unusable: {error}") from error
+        if not statistics:
+            warn("the deploy.yaml has no normal heatmap statistics: heatmaps are scaled per image "
+                 "(not comparable between images)")
     sigma = float(post.get("blur_sigma") or 0.0)
     results: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
+    used: Dict[str, int] = {}
     batches = iter_batches(paths, size, batch_size, skipped)
     while True:
         if times is not None:
@@ -372,53 +548,32 @@ def predict_folder(run: Runner, deploy: Mapping[str, Any], input_path: str, batc
         maps = blur(np.asarray(outputs[1]), sigma) if has_maps and len(outputs) > 1 else None
         for i, path in enumerate(names):
             score = float(scores[i])
-            label = "" if threshold is None else ("NG" if score > float(threshold) else "OK")
-            row: Dict[str, Any] = {"image": path, "score": score, "label": label}
-            if maps is not None:
-                row["heatmap_max"] = float(maps[i].max())
-                if save_dir and write_heatmaps:
-                    heat_path = os.path.join(save_dir, HEATMAP_DIR, output_name(path, input_path) + ".png")
-                    os.makedirs(os.path.dirname(heat_path), exist_ok=True)
-                    shown_name = os.path.relpath(path, input_path) if os.path.isdir(input_path) else path
-                    save_rgb(heat_path, heatmap_image(originals[i], maps[i], score, threshold, statistics,
-                                                      os.path.basename(shown_name) if len(shown_name) > 40
-                                                      else shown_name))
-                    row["heatmap"] = heat_path
+            if not math.isfinite(score):
+                warn(f"{path}: the score is {score}, not a number: marked NG")
+            panel = None
+            if maps is not None and save_dir and write_heatmaps:
+                name = unique_output_name(path, input_path, used, ".png")
+                panel = os.path.join(save_dir, HEATMAP_DIR, name)
+                os.makedirs(os.path.dirname(panel), exist_ok=True)
+                save_rgb(panel, heatmap_image(originals[i], maps[i], score, threshold, scale,
+                                              shown_name(path, input_path), display_size))
+            row = result_row(path, score, threshold, None if maps is None else maps[i],
+                             scale.get("pixel_threshold"), panel)
             results.append(row)
-            info(f"{path}: score {score:.6f}{' ' + label if label else ''}")
+            info(result_line(row))
         if times is not None:
             times.end(stamp=True)
     if not results:
         raise InferenceError(f"none of the {len(paths)} images in '{input_path}' could be read")
     if times is not None:
         set_data_num(times, len(results))  # the report's data_num counts images, not batches
-    summary = {"images_found": len(paths), "images_scored": len(results), "skipped": len(skipped),
-               "ng": sum(r["label"] == "NG" for r in results), "ok": sum(r["label"] == "OK" for r in results),
-               "threshold": None if threshold is None else float(threshold), "model_kind": kind,
-               "skipped_files": skipped}
+    extra = {"model_kind": kind, "method": method}
+    if has_maps:
+        extra.update(scale)
+    summary = summarize(len(paths), results, skipped, threshold, **extra)
     if save_dir:
         write_results(save_dir, results, summary)
     return {"results": results, "summary": summary}
-
-
-def write_results(save_dir: str, results: List[Dict[str, Any]], summary: Mapping[str, Any]) -> None:
-    os.makedirs(save_dir, exist_ok=True)
-    columns = ["image", "score", "label", "heatmap_max", "heatmap"]
-    with open(os.path.join(save_dir, "results.csv"), "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in results:
-            writer.writerow({key: row.get(key, "") for key in columns})
-    with open(os.path.join(save_dir, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"summary": dict(summary), "results": results}, handle, indent=2)
-
-
-def print_summary(summary: Mapping[str, Any], save_dir: Optional[str]) -> None:
-    info(f"scored {summary['images_scored']} of {summary['images_found']} images "
-         f"({summary['skipped']} unreadable, skipped); NG {summary['ng']}, OK {summary['ok']} "
-         f"(threshold {summary['threshold']})")
-    if save_dir:
-        info(f"results: {os.path.join(save_dir, 'results.csv')} and results.json")
 
 
 # --- benchmark ---------------------------------------------------------------------------------
@@ -495,7 +650,10 @@ def report_benchmark(autolog: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="KDAD Paddle Inference: scores, OK/NG and heatmaps.")
+    parser = argparse.ArgumentParser(
+        description="KDAD Paddle Inference: scores, OK/NG and heatmaps.",
+        epilog="results.csv / results.json columns: " + ", ".join(RESULT_COLUMNS) + " (the same as "
+               "tools/predict.py; see kdad/deploy/runtime.py). decision: NG iff score > threshold.")
     parser.add_argument("--model_dir", default=None,
                         help="folder with model.json (or legacy model.pdmodel) and deploy.yaml, "
                              "or the export folder holding score/ heatmap/ feature_map/")
@@ -503,29 +661,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with an export folder as --model_dir: which model (default score)")
     parser.add_argument("--model_file", default=None, help="model.json (or .pdmodel)")
     parser.add_argument("--params_file", default=None, help="model.pdiparams (default: beside model_file)")
-    parser.add_argument("--input_file", default=None, help="an image or a folder of images (recursive)")
-    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--input_file", default=None,
+                        help="an image, or a folder: every image in it and in its sub-folders")
+    parser.add_argument("--batch_size", type=positive_int, default=1)
     parser.add_argument("--use_gpu", type=str2bool, default=False)
     parser.add_argument("--use_tensorrt", type=str2bool, default=False)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True,
                         help="oneDNN on CPU (forced off for models whose deploy.yaml says onednn: false)")
-    parser.add_argument("--cpu_threads", type=int, default=2)
+    parser.add_argument("--cpu_threads", type=non_negative_int, default=0,
+                        help="CPU math threads, 0 (default): all cores")
     parser.add_argument("--enable_benchmark", "--benchmark", dest="enable_benchmark", type=str2bool,
                         default=False, help="print an auto_log benchmark report")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=finite_float, default=None,
                         help="NG iff score > threshold (default: the deploy.yaml calibration threshold)")
+    parser.add_argument("--pixel_threshold", type=finite_float, default=None,
+                        help="map value outlined as anomalous (default: the image threshold for PaDiM and "
+                             "PatchCore, the largest held-out normal map value for KDAD; kdad/visualize.py)")
     parser.add_argument("--save_dir", default="output/inference", help="results.csv/json and heatmaps/")
     parser.add_argument("--save_heatmaps", type=str2bool, default=True)
+    parser.add_argument("--display_size", type=positive_int, default=256,
+                        help="size of each heatmap-panel tile (about display_size^2 pixels)")
+    quiet.add_verbose_argument(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Everything ``tools/infer.py`` does, for parsed ``args``; returns results and the runner."""
+    pixel_threshold = getattr(args, "pixel_threshold", None)
+    check_run_options(args.batch_size, args.cpu_threads, args.threshold, pixel_threshold)  # before loading
     options = PredictorOptions(use_gpu=args.use_gpu, enable_mkldnn=args.enable_mkldnn,
                                cpu_threads=args.cpu_threads, use_tensorrt=args.use_tensorrt,
                                precision=args.precision, batch_size=args.batch_size)
-    list_images(args.input_file)  # fail on a bad input before the (slow) predictor creation
+    list_images(args.input_file, exclude=[args.save_dir])  # a bad input fails before the predictor is made
     runner, deploy = load_paddle_model(args.model_dir, args.model_file, args.params_file, options,
                                        args.model_kind)
     info(f"model {runner.model_file} ({deploy['kind']}), oneDNN {runner.config.mkldnn_enabled()}, "
@@ -539,7 +707,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                   gpu_ids=options.gpu_id if runner.config.use_gpu() else None)
         runner.run(np.zeros((args.batch_size, 3, size, size), dtype=np.float32))  # warm-up, not timed
     output = predict_folder(runner.run, deploy, args.input_file, args.batch_size, args.threshold,
-                            args.save_dir, args.save_heatmaps, autolog.times if autolog else None)
+                            args.save_dir, args.save_heatmaps, autolog.times if autolog else None,
+                            pixel_threshold, getattr(args, "display_size", 256))
     if autolog is not None:
         report_benchmark(autolog)
     print_summary(output["summary"], args.save_dir)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import paddle
 
 from kdad.config import require_dataset
 from kdad.data import AnomalyDataset, Sample, list_folder, list_mvtec, split_holdout
+from kdad.data.datasets import split_folder_good
 
 
 def set_cpu_threads(threads: int, processes: int = 1) -> int:
@@ -28,28 +29,101 @@ def seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def train_samples(config: Mapping[str, Any]) -> List[Sample]:
-    """Normal training images (``train/good`` or the folder dataset's good folder)."""
+def _folder_split(config: Mapping[str, Any]) -> Dict[str, List[Sample]]:
+    """The folder dataset's good images split into train / holdout / test (seeded, never
+    overlapping: :func:`kdad.data.datasets.split_folder_good`); ``defect`` are the defective ones."""
     folder = require_dataset(config)
+    samples = list_folder(folder, config["good_dir"], config["defect_dir"])
+    good = [s for s in samples if s.label == 0]
+    train_idx, holdout_idx, test_idx = split_folder_good(
+        len(good), float(config["test_fraction"]), float(config["holdout_fraction"]), int(config["seed"]))
+    return {"train": [good[i] for i in train_idx], "holdout": [good[i] for i in holdout_idx],
+            "test": [good[i] for i in test_idx], "defect": [s for s in samples if s.label == 1]}
+
+
+def train_samples(config: Mapping[str, Any]) -> List[Sample]:
+    """Normal training images, hold-out included (``train/good``; for the folder dataset the good
+    images outside the test part)."""
     if config["dataset_name"] == "folder":
-        return [s for s in list_folder(folder, config["good_dir"], config["defect_dir"]) if s.label == 0]
+        split = _folder_split(config)
+        return sorted(split["train"] + split["holdout"], key=lambda s: s.path)
+    require_dataset(config)
     return list_mvtec(config["dataset_root"], config["normal_class"], "train")
 
 
 def test_samples(config: Mapping[str, Any]) -> List[Sample]:
-    folder = require_dataset(config)
+    """The test set: MVTec ``test/``; for the folder dataset the test part of the good images
+    (``test_fraction``, never trained on or calibrated with) and every defective image."""
     if config["dataset_name"] == "folder":
-        return list_folder(folder, config["good_dir"], config["defect_dir"])
+        split = _folder_split(config)
+        return split["test"] + split["defect"]
+    require_dataset(config)
     return list_mvtec(config["dataset_root"], config["normal_class"], "test",
                       require_masks=bool(config["require_masks"]))
 
 
 def split_train(config: Mapping[str, Any]) -> Tuple[List[Sample], List[Sample]]:
     """``(train, holdout)``: a documented fraction of the normal images is held out for calibration."""
+    if config["dataset_name"] == "folder":
+        split = _folder_split(config)
+        return split["train"], split["holdout"]
     samples = train_samples(config)
     train_idx, holdout_idx = split_holdout(len(samples), float(config["holdout_fraction"]),
                                            int(config["seed"]))
     return [samples[i] for i in train_idx], [samples[i] for i in holdout_idx]
+
+
+def relative_name(sample: Sample, config: Mapping[str, Any]) -> str:
+    """``sample``'s path relative to the class folder (``dataset_root/normal_class``), with ``/``."""
+    folder = os.path.join(config["dataset_root"], config["normal_class"])
+    return os.path.relpath(os.path.abspath(sample.path), os.path.abspath(folder)).replace(os.sep, "/")
+
+
+def split_record(config: Mapping[str, Any], train: List[Sample], holdout: List[Sample]) -> Dict[str, Any]:
+    """What a checkpoint records of its data split: the seed and fractions, and the file names
+    (relative to the class folder) trained on and held out for calibration; for the folder dataset
+    also the good images kept for the test set."""
+    record: Dict[str, Any] = {
+        "dataset_name": config["dataset_name"],
+        "class_folder": os.path.abspath(os.path.join(config["dataset_root"], config["normal_class"])),
+        "seed": int(config["seed"]), "holdout_fraction": float(config["holdout_fraction"]),
+        "train": [relative_name(s, config) for s in train],
+        "holdout": [relative_name(s, config) for s in holdout],
+    }
+    if config["dataset_name"] == "folder":
+        record["test_fraction"] = float(config["test_fraction"])
+        record["test_good"] = [relative_name(s, config) for s in _folder_split(config)["test"]]
+    return record
+
+
+def compare_split(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
+    """The differences between two split records' file lists (empty when the same images are
+    trained on and held out)."""
+    problems = []
+    for part in ("train", "holdout"):
+        before, now = set(recorded.get(part) or []), set(current.get(part) or [])
+        if before != now:
+            added, missing = sorted(now - before), sorted(before - now)
+            what = []
+            if added:
+                what.append(f"{len(added)} new (e.g. {added[0]})")
+            if missing:
+                what.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            problems.append(f"{part} images: {', '.join(what)}")
+    return problems
+
+
+def exclude_recorded(samples: List[Sample], record: Optional[Mapping[str, Any]],
+                     config: Mapping[str, Any]) -> Tuple[List[Sample], List[Sample]]:
+    """``(kept, excluded)``: ``samples`` without the images ``record`` (a checkpoint's split) says
+    were trained on or held out for calibration (compared by name in the class folder)."""
+    if not record:
+        return list(samples), []
+    used = set(record.get("train") or []) | set(record.get("holdout") or [])
+    kept, excluded = [], []
+    for sample in samples:
+        (excluded if relative_name(sample, config) in used else kept).append(sample)
+    return kept, excluded
 
 
 def dataset(samples: List[Sample], config: Mapping[str, Any]) -> AnomalyDataset:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import paddle
 
+from kdad.config import require_dataset
+from kdad.data import list_folder
 from kdad.engine.common import (
     class_dir,
     class_name,
     dataset,
+    exclude_recorded,
     log_path,
     predict_maps,
     score_images,
@@ -22,14 +26,20 @@ from kdad.engine.common import (
 )
 from kdad.methods.kdad.localization import localization_maps
 from kdad.metrics import compute_all
-from kdad.utils.checkpoint import list_epoch_checkpoints, load_model
+from kdad.utils.checkpoint import list_epoch_checkpoints, load_checkpoint, load_model, run_id
 
 METRIC_ORDER = ("image_auroc", "image_f1_max", "paper_localization_auc", "pixel_auroc", "aupro")
 
 
-def evaluate_model(model: Any, config: Mapping[str, Any]) -> Dict[str, Any]:
-    """Metrics of ``model`` on the test split of ``config`` (no threshold is chosen here)."""
-    data = dataset(test_samples(config), config)
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def evaluate_model(model: Any, config: Mapping[str, Any],
+                   samples: Optional[List[Any]] = None) -> Dict[str, Any]:
+    """Metrics of ``model`` on ``samples`` (default: the test split of ``config``); no threshold is
+    chosen here."""
+    data = dataset(test_samples(config) if samples is None else samples, config)
     images, labels = data.images(), data.labels
     batch = int(config["eval_batch_size"])
     t0 = time.time()
@@ -117,11 +127,48 @@ def write_val_log(config: Mapping[str, Any], result: Mapping[str, Any], model_de
     return path
 
 
+def checkpoint_test_samples(path: str, state: Mapping[str, Any], config: Mapping[str, Any]
+                            ) -> Tuple[List[Any], List[str]]:
+    """``(test samples, warnings)`` for checkpoint ``path``: never an image the checkpoint records as
+    trained on or held out for calibration. For the folder dataset the test images are the good
+    images outside the recorded split (whatever seed is set now) and every defective image."""
+    warnings: List[str] = []
+    trained_class = state["config"].get("normal_class")
+    if trained_class is not None and trained_class != config["normal_class"]:
+        warnings.append(f"'{path}' was trained on class '{trained_class}' but is evaluated on class "
+                        f"'{config['normal_class']}'")
+    record = state.get("split")
+    if config["dataset_name"] == "folder":
+        if record and record.get("dataset_name") == "folder":
+            folder = require_dataset(config)
+            samples, _ = exclude_recorded(list_folder(folder, config["good_dir"], config["defect_dir"]),
+                                          record, config)
+            return samples, warnings
+        warnings.append(f"'{path}' records no folder-dataset split (an older checkpoint or another dataset): "
+                        "the test part is computed from the seed and fractions of the configuration and may "
+                        "hold images it was trained on")
+        return test_samples(config), warnings
+    samples, excluded = exclude_recorded(test_samples(config), record, config)
+    if excluded:
+        warnings.append(f"{len(excluded)} test image(s) left out: '{path}' was trained or calibrated on them "
+                        f"(e.g. {excluded[0].path})")
+    if not samples:
+        raise ValueError(f"no test image is left for '{path}': every one was trained on or held out")
+    return samples, warnings
+
+
 def evaluate_checkpoint(model_path: str, config: Mapping[str, Any]) -> Dict[str, Any]:
-    """Evaluate a checkpoint; the result's ``config`` is the effective one (networks from the file)."""
-    model, _, effective = load_model(model_path, config)
-    result = evaluate_model(model, effective)
+    """Evaluate a checkpoint; the result's ``config`` is the effective one (networks from the file).
+    Images the checkpoint was trained or calibrated on are never scored
+    (:func:`checkpoint_test_samples`)."""
+    model, state, effective = load_model(model_path, config)
+    samples, warnings = checkpoint_test_samples(model_path, state, effective)
+    for warning in warnings:
+        _warn(warning)
+    result = evaluate_model(model, effective, samples)
     result["config"] = effective
+    if warnings:
+        result["warnings"] = warnings
     return result
 
 
@@ -131,6 +178,14 @@ def evaluate_average(folder: str, config: Mapping[str, Any], from_epoch: int) ->
     checkpoints = [(e, p) for e, p in list_epoch_checkpoints(folder) if e >= from_epoch]
     if not checkpoints:
         raise FileNotFoundError(f"no checkpoint_epoch_*.pdparams with epoch >= {from_epoch} in '{folder}'")
+    runs: Dict[Optional[str], List[int]] = {}
+    for epoch, path in checkpoints:  # averaging only within one run
+        runs.setdefault(run_id(load_checkpoint(path)), []).append(epoch)
+    if len(runs) > 1:
+        listed = "; ".join(f"run {rid or '(no run id, older version)'}: epochs {epochs}"
+                           for rid, epochs in runs.items())
+        raise ValueError(f"the checkpoints in '{folder}' belong to {len(runs)} different runs ({listed}); "
+                         "only the checkpoints of one run are averaged: keep one run per folder")
     results = [evaluate_checkpoint(path, config) for _, path in checkpoints]
     keys = results[0]["metrics"].keys()
     averaged = {key: float(np.mean([r["metrics"][key] for r in results])) for key in keys}

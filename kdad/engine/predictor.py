@@ -2,17 +2,22 @@
 
 The OK/NG threshold is the checkpoint's calibrated one (held-out normal training images) unless
 one is given; NG iff ``score > threshold``. Heatmaps are the method's anomaly maps (KDAD: the raw
-gradient maps of :func:`kdad.methods.kdad.localization.localization_maps`) coloured with the fixed
-normal-image scale of :mod:`kdad.visualize` (pixel threshold: ``map_statistics["p999"]`` unless given).
+gradient maps of :func:`kdad.methods.kdad.localization.localization_maps`) in the panels of
+:mod:`kdad.visualize`: fixed colours from the calibration's normal statistics and the documented pixel
+threshold (:func:`kdad.visualize.pixel_threshold_rule`: the image threshold for PaDiM and PatchCore,
+the largest held-out normal map value for KDAD) unless one is given.
+
+Input, results and options mean what they mean for ``tools/infer.py`` (:mod:`kdad.deploy.runtime`):
+an image or every image under a folder (sub-folders included), ``results.csv`` / ``results.json``
+with :data:`kdad.deploy.runtime.RESULT_COLUMNS`, ``cpu_threads`` 0 = all cores.
 
 Outputs in ``save_dir`` (or, if it already holds results of an earlier run, in the first free
-``save_dir/run_NNN``): ``<stem>_result.png`` per image, ``results.csv`` and ``results.json``.
+``save_dir/run_NNN``): ``<name>_result.png`` per image (``name``: its path under the input folder,
+``/`` -> ``_``), ``results.csv`` and ``results.json``.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import sys
@@ -21,40 +26,29 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import paddle
 
-from kdad.data.io import IMAGE_EXTENSIONS, ImageReadError, preprocess, read_image
-from kdad.engine.common import predict_maps
+from kdad.data.io import ImageReadError, preprocess, read_image
+from kdad.deploy.runtime import (
+    CSV_NAME,
+    JSON_NAME,
+    check_run_options,
+    is_image_file,
+    list_images,
+    print_summary,
+    result_line,
+    result_row,
+    shown_name,
+    summarize,
+    unique_output_name,
+    write_results,
+)
+from kdad.engine.common import predict_maps, set_cpu_threads
 from kdad.methods.kdad.localization import localization_maps
 from kdad.utils.checkpoint import load_model
-from kdad.visualize import colour_range, default_pixel_threshold, over_threshold, result_panel, save_rgb
+from kdad.visualize import display_scale, result_panel, save_rgb
 
 RESULT_SUFFIX = "_result.png"
-CSV_NAME, JSON_NAME = "results.csv", "results.json"
-CSV_FIELDS = ("file", "score", "decision", "threshold", "result_image", "map_max", "anomalous_area")
-
-
-def is_image_file(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
-
-
-def list_images(path: str) -> List[str]:
-    """``path`` itself if it is an image file, else the image files directly in folder ``path``
-    (sorted, not recursive; other files are ignored)."""
-    if os.path.isfile(path):
-        if not is_image_file(path):
-            raise ValueError(f"'{path}' is not an image file (supported: {', '.join(IMAGE_EXTENSIONS)})")
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"image path '{path}' does not exist")
-    names = sorted(os.listdir(path))
-    files = [os.path.join(path, n) for n in names
-             if is_image_file(n) and os.path.isfile(os.path.join(path, n))]
-    if not files:
-        subfolders = [n for n in names if os.path.isdir(os.path.join(path, n))]
-        hint = f"; sub-folders are not searched ({', '.join(subfolders[:5])})" if subfolders else ""
-        raise ValueError(
-            f"folder '{path}' holds no image file (supported: {', '.join(IMAGE_EXTENSIONS)}){hint}"
-        )
-    return files
+__all__ = ["CSV_NAME", "JSON_NAME", "RESULT_SUFFIX", "is_image_file", "list_images", "output_dir",
+           "predict", "resolve_thresholds"]
 
 
 def _holds_results(folder: str) -> bool:
@@ -87,43 +81,37 @@ def resolve_thresholds(
     model_path: str,
     threshold: Optional[float],
     pixel_threshold: Optional[float],
+    method: str = "kdad",
 ) -> Dict[str, Any]:
-    """Image threshold, pixel threshold and colour range, with where each came from."""
+    """Image threshold, pixel threshold and colour range, with where each came from (the pixel
+    threshold and colours by :func:`kdad.visualize.display_scale`, as the deploy runtime does)."""
     if threshold is None:
         threshold = calibration.get("threshold")
         source = "calibration"
         if threshold is None:
+            if not calibration:  # checkpoint_latest / checkpoint_epoch_N: saved before calibration
+                why = ("it is an intermediate training checkpoint, written before the calibration at the end "
+                       "of training: use model_final.pdparams of the finished run, or")
+            else:
+                why = f"{calibration.get('note') or 'trained without held-out normal images'};"
             raise ValueError(
-                f"checkpoint '{model_path}' has no calibrated threshold (trained without held-out normal "
-                "images, holdout_fraction 0); pass one with --threshold T (NG iff score > T)"
+                f"checkpoint '{model_path}' has no calibrated threshold ({why} pass one with --threshold T "
+                "(NG iff score > T))"
             )
     else:
         source = "argument"
     if not math.isfinite(float(threshold)):
         raise ValueError(f"threshold must be a finite number, got {threshold}")
-    stats = calibration.get("map_statistics")
-    if pixel_threshold is None:
-        if not stats:
-            raise ValueError(
-                f"checkpoint '{model_path}' has no normal map statistics to set the pixel threshold and "
-                "colour scale; pass one with --pixel_threshold P (raw gradient-map units)"
-            )
-        pixel_threshold, pixel_source = default_pixel_threshold(stats), "calibration p999"
-    else:
-        pixel_source = "argument"
-    if not math.isfinite(float(pixel_threshold)):
+    if pixel_threshold is not None and not math.isfinite(float(pixel_threshold)):
         raise ValueError(f"pixel_threshold must be a finite number, got {pixel_threshold}")
-    low, high = colour_range(stats, float(pixel_threshold))
-    return {"threshold": float(threshold), "threshold_source": source,
-            "pixel_threshold": float(pixel_threshold), "pixel_threshold_source": pixel_source,
-            "colour_low": low, "colour_high": high}
-
-
-def _unique_name(path: str, used: Dict[str, int]) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    count = used.get(stem, 0)
-    used[stem] = count + 1
-    return f"{stem}{RESULT_SUFFIX}" if count == 0 else f"{stem}_{count + 1}{RESULT_SUFFIX}"
+    stats = calibration.get("map_statistics")
+    scale = display_scale(method, stats, float(threshold), calibration.get("threshold"), pixel_threshold)
+    if scale["pixel_threshold"] is None:
+        raise ValueError(
+            f"checkpoint '{model_path}' has no normal map statistics to set the pixel threshold and "
+            "colour scale; pass one with --pixel_threshold P (in the units of the method's map)"
+        )
+    return {"threshold": float(threshold), "threshold_source": source, **scale}
 
 
 def _read_batch(paths: List[str], skipped: List[Dict[str, str]]) -> List[Tuple[str, np.ndarray]]:
@@ -133,18 +121,8 @@ def _read_batch(paths: List[str], skipped: List[Dict[str, str]]) -> List[Tuple[s
             read.append((path, read_image(path)))
         except ImageReadError as error:
             print(f"warning: skipping {error}", file=sys.stderr)
-            skipped.append({"file": path, "error": str(error)})
+            skipped.append({"image": path, "error": str(error)})
     return read
-
-
-def _write_tables(out_dir: str, results: List[Dict[str, Any]], header: Dict[str, Any]) -> None:
-    with open(os.path.join(out_dir, CSV_NAME), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in results:
-            writer.writerow({key: row[key] for key in CSV_FIELDS})
-    with open(os.path.join(out_dir, JSON_NAME), "w", encoding="utf-8") as f:
-        json.dump({**header, "results": results}, f, indent=2)
 
 
 def predict(
@@ -155,17 +133,23 @@ def predict(
     pixel_threshold: Optional[float] = None,
     batch_size: int = 8,
     display_size: Optional[int] = None,
+    cpu_threads: Optional[int] = None,
 ) -> List[Dict[str, Any]]:
-    """Score, decide and visualise every image of ``image_path_or_dir``; one dict per read image
-    (``file, score, decision, threshold, result_image, map_max, anomalous_area``).
+    """Score, decide and visualise every image of ``image_path_or_dir`` (an image, or every image
+    under a folder); one dict per read image with :data:`kdad.deploy.runtime.RESULT_COLUMNS`.
 
-    ``display_size`` is the side of each panel tile (default: the model input size, at least 256).
+    ``display_size`` sets the panel tiles (about ``display_size ** 2`` pixels each, default: the model
+    input size, at least 256); ``cpu_threads``: CPU math threads, 0 all cores, None Paddle's setting.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    paths = list_images(image_path_or_dir)
+    check_run_options(batch_size, cpu_threads or 0, threshold, pixel_threshold)  # before loading
+    if display_size is not None and int(display_size) < 1:
+        raise ValueError(f"display_size must be at least 1, got {display_size}")
+    paths = list_images(image_path_or_dir, exclude=[save_dir])
+    if cpu_threads is not None:
+        set_cpu_threads(int(cpu_threads))
     model, checkpoint, config = load_model(model_path)
-    limits = resolve_thresholds(checkpoint.get("calibration") or {}, model_path, threshold, pixel_threshold)
+    limits = resolve_thresholds(checkpoint.get("calibration") or {}, model_path, threshold, pixel_threshold,
+                                str(config["method"]))
     size = int(config["mvtec_img_size"])
     display = int(display_size) if display_size else max(size, 256)
     existed = os.path.isdir(save_dir)
@@ -188,26 +172,26 @@ def predict(
             scores, raw_maps = predict_maps(model, inputs, len(inputs))
         for (path, image), score, raw in zip(batch, scores, raw_maps):
             score = float(score)
-            decision = "NG" if score > limits["threshold"] else "OK"
-            panel_path = os.path.join(out_dir, _unique_name(path, used))
+            if not math.isfinite(score):
+                print(f"warning: {path}: the score is {score}, not a number: marked NG", file=sys.stderr)
+            name = unique_output_name(path, image_path_or_dir, used, RESULT_SUFFIX)
+            panel_path = os.path.join(out_dir, name)
             save_rgb(panel_path, result_panel(
                 image, raw, score, limits["threshold"], limits["colour_low"], limits["colour_high"],
-                limits["pixel_threshold"], display, os.path.basename(path)))
-            results.append({
-                "file": path, "score": score, "decision": decision, "threshold": limits["threshold"],
-                "result_image": panel_path, "map_max": float(raw.max()),
-                "anomalous_area": float(over_threshold(raw, limits["pixel_threshold"]).mean()),
-            })
-            print(f"{path}: score {score:.6g} -> {decision} (threshold {limits['threshold']:.6g})")
+                limits["pixel_threshold"], display, shown_name(path, image_path_or_dir),
+                pixel_note=limits["pixel_threshold_source"]))
+            row = result_row(path, score, limits["threshold"], raw, limits["pixel_threshold"], panel_path)
+            results.append(row)
+            print(result_line(row))
 
     if not results:
         if out_dir != save_dir or not existed:
             os.rmdir(out_dir)  # created by this run and still empty
         raise ValueError(f"none of the {len(paths)} image file(s) in '{image_path_or_dir}' could be read "
                          f"({len(skipped)} skipped, see the warnings above)")
-    _write_tables(out_dir, results, {"model_path": model_path, "input": image_path_or_dir, **limits,
-                                     "skipped": skipped})
-    n_ng = sum(r["decision"] == "NG" for r in results)
-    print(f"{len(results)} image(s): {len(results) - n_ng} OK, {n_ng} NG, {len(skipped)} skipped; "
-          f"results in '{out_dir}'")
+    facts = {key: value for key, value in limits.items() if key != "threshold"}
+    summary = summarize(len(paths), results, skipped, limits["threshold"], model_path=model_path,
+                        input=image_path_or_dir, method=str(config["method"]), **facts)
+    write_results(out_dir, results, summary)
+    print_summary(summary, out_dir)
     return results

@@ -1,25 +1,36 @@
-"""Training loop: cached expert features, atomic resumable checkpoints, data parallel, calibration."""
+"""Training loop: cached expert features, atomic resumable checkpoints, data parallel, calibration.
+
+Every run (KDAD's epochs or another method's one-pass fit) owns its class folder for its whole
+duration (:class:`_RunFolder`): a lock against concurrent runs, no start over another run's files
+unless ``overwrite`` (or ``continue_train`` of that run), stale temporary files of killed writers
+removed. A non-finite loss stops training with a clear error and no final model; Ctrl-C ends in
+:class:`TrainingInterrupted`, which says whether the run can be resumed.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from typing import Any, Dict, List, Mapping
+import uuid
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from kdad.config import dump_config
+from kdad.config import Config, dump_config
 from kdad.engine.common import (
     class_dir,
     class_name,
+    compare_split,
     dataset,
     log_path,
     predict_maps,
     score_images,
     seed_everything,
     set_cpu_threads,
+    split_record,
     split_train,
 )
 from kdad.methods.kdad.localization import localization_maps
@@ -30,9 +41,16 @@ from kdad.utils.checkpoint import (
     FINAL_NAME,
     LATEST_NAME,
     RANDOM_EXPERT_NAME,
+    RunFolderError,
+    RunLock,
     atomic_save,
+    clean_stale_temporaries,
+    describe_run_files,
     epoch_checkpoint_name,
+    explicit_values,
     load_checkpoint,
+    remove_run_files,
+    run_files,
 )
 from kdad.utils.logger import get_logger
 
@@ -54,40 +72,67 @@ def cache_expert_features(model: KDADModel, images: np.ndarray, batch_size: int)
     return {tap: np.concatenate(parts) for tap, parts in chunks.items()}
 
 
-def calibrate(model: KDADModel, holdout_images: np.ndarray, config: Mapping[str, Any]) -> Dict[str, Any]:
-    """OK/NG threshold and heatmap scale from held-out normal training images (never the test set)."""
-    if len(holdout_images) == 0:
-        return {"threshold": None, "holdout_images": 0,
-                "note": "holdout_fraction is 0: no threshold; pass --threshold when predicting"}
-    scores = score_images(model, holdout_images, int(config["eval_batch_size"]))
-    raw_maps = []
-    for start in range(0, len(holdout_images), int(config["eval_batch_size"])):
-        batch = paddle.to_tensor(holdout_images[start:start + int(config["eval_batch_size"])])
-        _, _, raw = localization_maps(model, batch, "gradients", float(config["blur_sigma"]))
-        raw_maps.append(raw)
-    rate = float(config["false_reject_rate"])
-    return {
-        "threshold": threshold_from_normal_scores(scores, rate),
-        "false_reject_rate": rate,
-        "holdout_images": int(len(scores)),
-        "holdout_score_mean": float(scores.mean()),
-        "holdout_score_std": float(scores.std()),
-        "holdout_score_max": float(scores.max()),
-        "map_statistics": normal_map_statistics(np.concatenate(raw_maps)),
-    }
+# Calibration: below ``min_calibration_images`` held-out images no threshold is stored; below
+# RECOMMENDED_CALIBRATION_IMAGES training warns that the threshold is unreliable.
+RECOMMENDED_CALIBRATION_IMAGES = 5
 
 
-def calibrate_maps(model: Any, holdout_images: np.ndarray, config: Mapping[str, Any]) -> Dict[str, Any]:
-    """OK/NG threshold and map scale of a method's model from held-out normal training images."""
-    if len(holdout_images) == 0:
-        return {"threshold": None, "holdout_images": 0,
-                "note": "holdout_fraction is 0: no threshold; pass --threshold when predicting"}
-    scores, maps = predict_maps(model, holdout_images, int(config["eval_batch_size"]))
+class TrainingDiverged(ValueError):
+    """The loss or the weights stopped being finite: training stopped, no final model written."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``resumable`` when a checkpoint of the run is kept (resume it with
+    ``continue_train``)."""
+
+    def __init__(self, message: str, resumable: bool) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def calibration_plan(n_holdout: int, n_normal: int, config: Mapping[str, Any]) -> Tuple[bool, str]:
+    """``(threshold possible, what the held-out images mean for the threshold)``."""
+    floor = int(config.get("min_calibration_images", 2))
+    rate = float(config["false_reject_rate"])
+    if n_holdout < floor:
+        if float(config["holdout_fraction"]) == 0:
+            why = "holdout_fraction is 0: no normal image is held out for calibration"
+        else:
+            why = (f"only {n_holdout} of the {n_normal} normal training images "
+                   f"{'is' if n_holdout == 1 else 'are'} held out for calibration (holdout_fraction "
+                   f"{float(config['holdout_fraction']):g})")
+        return False, (f"{why}; a threshold needs at least {floor} (min_calibration_images), so no OK/NG "
+                       "threshold is stored: predict.py and infer.py need --threshold T (more normal images "
+                       "or a larger holdout_fraction give one)")
+    if n_holdout * rate < 1:
+        return True, (f"the threshold is the highest score of the {n_holdout} held-out normal images: "
+                      f"about 1 in {n_holdout + 1} normal images ({100.0 / (n_holdout + 1):.0f}%) will "
+                      f"score above it, not the false_reject_rate {rate:g}, which needs "
+                      f"{math.ceil(1 / rate)} held-out images")
+    return True, f"the threshold is the {1 - rate:g} quantile of {n_holdout} held-out normal scores"
+
+
+def _check_finite_scores(scores: np.ndarray) -> None:
+    if not np.isfinite(scores).all():
+        raise TrainingDiverged(
+            f"the model's scores of {int((~np.isfinite(scores)).sum())} held-out normal image(s) are not "
+            "finite (NaN or infinite weights or features): no threshold can be calibrated, no final model "
+            "is written")
+
+
+def _calibration(scores: np.ndarray, maps: np.ndarray, n_normal: int,
+                 config: Mapping[str, Any]) -> Dict[str, Any]:
+    n = int(len(scores))
+    possible, note = calibration_plan(n, n_normal, config)
+    if n == 0:
+        return {"threshold": None, "holdout_images": 0, "note": note}
+    _check_finite_scores(scores)
     rate = float(config["false_reject_rate"])
     return {
-        "threshold": threshold_from_normal_scores(scores, rate),
+        "threshold": threshold_from_normal_scores(scores, rate) if possible else None,
         "false_reject_rate": rate,
-        "holdout_images": int(len(scores)),
+        "holdout_images": n,
+        "note": note,
         "holdout_score_mean": float(scores.mean()),
         "holdout_score_std": float(scores.std()),
         "holdout_score_max": float(scores.max()),
@@ -95,28 +140,233 @@ def calibrate_maps(model: Any, holdout_images: np.ndarray, config: Mapping[str, 
     }
 
 
+def calibrate(model: KDADModel, holdout_images: np.ndarray, config: Mapping[str, Any],
+              n_normal: Optional[int] = None) -> Dict[str, Any]:
+    """OK/NG threshold and heatmap scale from held-out normal training images (never the test set);
+    no threshold below ``min_calibration_images`` held-out images."""
+    n_normal = len(holdout_images) if n_normal is None else n_normal
+    if len(holdout_images) == 0:
+        return _calibration(np.zeros(0), np.zeros(0), n_normal, config)
+    scores = score_images(model, holdout_images, int(config["eval_batch_size"]))
+    raw_maps = []
+    for start in range(0, len(holdout_images), int(config["eval_batch_size"])):
+        batch = paddle.to_tensor(holdout_images[start:start + int(config["eval_batch_size"])])
+        _, _, raw = localization_maps(model, batch, "gradients", float(config["blur_sigma"]))
+        raw_maps.append(raw)
+    return _calibration(scores, np.concatenate(raw_maps), n_normal, config)
+
+
+def calibrate_maps(model: Any, holdout_images: np.ndarray, config: Mapping[str, Any],
+                   n_normal: Optional[int] = None) -> Dict[str, Any]:
+    """OK/NG threshold and map scale of a method's model from held-out normal training images."""
+    n_normal = len(holdout_images) if n_normal is None else n_normal
+    if len(holdout_images) == 0:
+        return _calibration(np.zeros(0), np.zeros(0), n_normal, config)
+    scores, maps = predict_maps(model, holdout_images, int(config["eval_batch_size"]))
+    return _calibration(scores, maps, n_normal, config)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+
+class _RunFolder:
+    """Rank 0's hold on a run's class folder for the whole run: its lock, the refusal to start over
+    another run's files (unless ``overwrite``, which deletes them first, or ``continue_train`` of
+    that run), stale temporary files of killed writers removed, and the cleanup of a fresh run
+    that ends (error, divergence, Ctrl-C) before its first checkpoint."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.folder = class_dir(config)
+        self.lock = RunLock(self.folder)
+        self.fresh = not config["continue_train"]
+        self.notes: List[str] = []  # logged once the log is open
+        self.created: List[str] = []  # files written before the first checkpoint
+        self.checkpoint: Optional[Tuple[int, str]] = None  # (epoch, path) of the run's last checkpoint
+
+    def open(self) -> None:
+        taken_over = self.lock.acquire()
+        if taken_over:
+            self.notes.append(f"WARNING: {taken_over}")
+        try:
+            existing = run_files(self.folder)
+            if self.fresh and existing:
+                if not self.config["overwrite"]:
+                    resume = ("resume it with -o continue_train=True, " if self.config["method"] == "kdad"
+                              else "")
+                    raise RunFolderError(
+                        f"'{self.folder}' already holds a run ({describe_run_files(existing)}); a new run "
+                        f"would overwrite it and mix with its checkpoints: {resume}train into another "
+                        "--save_dir, or replace it with -o overwrite=True")
+                remove_run_files(self.folder)
+                self.notes.append(f"overwrite=True: deleted the earlier run in '{self.folder}' "
+                                  f"({describe_run_files(existing)})")
+            count, size = clean_stale_temporaries(self.folder)
+            if count:
+                self.notes.append(f"deleted {count} temporary file(s) ({size / 2 ** 20:.1f} MB) left by "
+                                  f"killed writers in '{self.folder}'")
+        except BaseException:
+            self.lock.release(remove_created=True)
+            raise
+
+    def close(self, ok: bool) -> None:
+        discard = not ok and self.fresh and self.checkpoint is None
+        if discard:
+            for path in self.created:
+                if os.path.isfile(path):
+                    os.remove(path)
+        self.lock.release(remove_created=not ok)  # folders this run created, if left empty
+
+    def interrupted(self) -> TrainingInterrupted:
+        if self.checkpoint is not None:
+            epoch, path = self.checkpoint
+            return TrainingInterrupted(
+                f"interrupted; the run's last checkpoint '{path}' (epoch {epoch}) is kept", True)
+        if not self.fresh:
+            return TrainingInterrupted("interrupted; the run's checkpoint_latest is unchanged", True)
+        return TrainingInterrupted("interrupted before the first checkpoint: nothing was kept; run the same "
+                                   "command again", False)
+
+
+def _in_run(config: Mapping[str, Any], body: Callable[[Optional[_RunFolder]], Any], rank: int = 0,
+            world_size: int = 1) -> Any:
+    """Run ``body`` holding the class folder (rank 0 only; the other ranks learn whether it
+    could be opened)."""
+    split_train(config)  # a missing or empty dataset is reported before any file is written
+    run: Optional[_RunFolder] = None
+    error: Optional[BaseException] = None
+    if rank == 0:
+        run = _RunFolder(config)
+        try:
+            run.open()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = exc
+    if world_size > 1:
+        failed = paddle.to_tensor([0.0 if error is None else 1.0], dtype="float32")
+        dist.broadcast(failed, src=0)
+        if error is None and float(failed.numpy().ravel()[0]) > 0:
+            raise RunFolderError("rank 0 could not start the run (see its log)")
+    if error is not None:
+        raise error
+    ok = False
+    try:
+        result = body(run)
+        ok = True
+        return result
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise (run.interrupted() if run is not None else TrainingInterrupted("interrupted", False)) from None
+    finally:
+        if run is not None:
+            run.close(ok)
+
+
+# Keys a resumed run must share with its checkpoint (the networks, the data split and the
+# optimisation); num_epochs, save_every, logging and evaluation keys may change.
+RESUME_KEYS = ("method", "expert", "pretrain", "equal_network_size", "use_bias", "lamda",
+               "direction_loss_only", "mvtec_img_size", "learning_rate", "batch_size", "seed",
+               "holdout_fraction", "test_fraction", "dataset_name", "normal_class", "good_dir", "defect_dir")
+
+
+def resume_config(config: Mapping[str, Any], state: Mapping[str, Any], path: str
+                  ) -> Tuple[Dict[str, Any], List[str]]:
+    """The configuration of a resumed run: a key of :data:`RESUME_KEYS` set explicitly to another value
+    than checkpoint ``path`` holds is an error naming every such key; one left at its default takes
+    the checkpoint's value (returned as a warning)."""
+    trained = state["config"]
+    explicit = explicit_values(config)
+    conflicts, adopted = [], []
+    folder_keys = ("test_fraction", "good_dir", "defect_dir")  # they matter for the folder dataset only
+    folder = "folder" in (config["dataset_name"], trained.get("dataset_name"))
+    for key in RESUME_KEYS:
+        if key not in trained or config[key] == trained[key]:
+            continue
+        if key in folder_keys and not folder:
+            continue
+        if key in explicit:
+            conflicts.append(f"{key} (checkpoint {trained[key]!r}, now {config[key]!r})")
+        else:
+            adopted.append(key)
+    if conflicts:
+        raise ValueError(
+            f"continue_train: '{path}' was trained with other settings: {', '.join(conflicts)}; resume with "
+            "the checkpoint's values (drop these settings) or start a new run (-o overwrite=True or another "
+            "--save_dir)")
+    notes = []
+    if config.get("pretrain") and trained.get("expert_weights") not in (None, config["expert_weights"]):
+        notes.append(f"WARNING: continue_train: the expert weights are read from "
+                     f"'{config['expert_weights']}', the checkpoint was trained with "
+                     f"'{trained['expert_weights']}': they must be the same weights")
+    if not adopted:
+        return dict(config) if not isinstance(config, Config) else config, notes
+    merged = Config({**config, **{key: trained[key] for key in adopted}})
+    merged.explicit = getattr(config, "explicit", frozenset(config))
+    notes.append("WARNING: continue_train: using the checkpoint's " + ", ".join(
+        f"{key}={trained[key]!r}" for key in adopted) + " (not set for this run; the defaults differ)")
+    return merged, notes
+
+
+def _read_split(config: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """``(train images, held-out images, split record)``; every unreadable file reported at once."""
+    train_samples, holdout_samples = split_train(config)
+    images = dataset(train_samples + holdout_samples, config).images()
+    return (images[:len(train_samples)], images[len(train_samples):],
+            split_record(config, train_samples, holdout_samples))
+
+
+def _log_calibration_plan(log: Any, n_holdout: int, n_normal: int, config: Mapping[str, Any]) -> None:
+    possible, note = calibration_plan(n_holdout, n_normal, config)
+    if not possible or n_holdout < RECOMMENDED_CALIBRATION_IMAGES:
+        log.info(f"WARNING: {note}")
+    else:
+        log.info(f"calibration: {note}")
+
+
+def _log_calibration(log: Any, calibration: Mapping[str, Any]) -> None:
+    if calibration["threshold"] is None:
+        log.info(f"WARNING: calibration on {calibration['holdout_images']} held-out normal images: no "
+                 f"threshold ({calibration['note']})")
+    else:
+        log.info(f"calibration on {calibration['holdout_images']} held-out normal images: threshold "
+                 f"{calibration['threshold']}")
+
+
+def _new_run_info() -> Dict[str, str]:
+    return {"id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def fit_method(config: Dict[str, Any], return_model: bool = False):
     """Fit a training-free method (PaDiM, PatchCore) on the normal training images of ``config``,
     calibrate on the held-out ones and write ``model_final.pdparams``; returns its path."""
-    from kdad.registry import get_method
-
-    spec = get_method(config["method"])
     if dist.get_world_size() > 1:
         raise ValueError(f"{config['method']} fits in one pass in one process; run tools/train.py without "
                          "paddle.distributed.launch (data parallelism applies to trained methods)")
+    if config["continue_train"]:
+        raise ValueError(f"{config['method']} is fitted in one pass: there is nothing to resume "
+                         "(continue_train); refit with -o overwrite=True")
+    return _in_run(config, lambda run: _fit(config, run, return_model))
+
+
+def _fit(config: Dict[str, Any], run: Optional[_RunFolder], return_model: bool):
+    from kdad.registry import get_method
+
+    spec = get_method(config["method"])
     seed_everything(int(config["seed"]))
     threads = set_cpu_threads(int(config["cpu_threads"]))
     out_dir = class_dir(config)
     name = class_name(config)
     log = get_logger(f"fit.{config['method']}.{name}", log_path(config, "train"), console=True)
-    train_samples, holdout_samples = split_train(config)
+    for note in run.notes if run else []:
+        log.info(note)
     t0 = time.time()
-    train_images = dataset(train_samples, config).images()
-    holdout_images = dataset(holdout_samples, config).images() if holdout_samples else train_images[:0]
+    train_images, holdout_images, record = _read_split(config)
+    n_normal = len(train_images) + len(holdout_images)
     log.info(f"method {config['method']}, class {name}: {len(train_images)} training images, "
-             f"{len(holdout_images)} held out for calibration; backbone {config['backbone']} "
-             f"(pretrained={config['backbone_pretrained']}), {config['mvtec_img_size']} px, {threads} CPU "
-             f"threads; images read in {time.time() - t0:.1f}s")
+             f"{len(holdout_images)} held out for calibration (seed {config['seed']}); backbone "
+             f"{config['backbone']} (pretrained={config['backbone_pretrained']}), "
+             f"{config['mvtec_img_size']} px, {threads} CPU threads; images read in {time.time() - t0:.1f}s")
+    _log_calibration_plan(log, len(holdout_images), n_normal, config)
     log.info("config:\n" + dump_config(config))
     model = spec.build_model(config)
     t0 = time.time()
@@ -124,13 +374,12 @@ def fit_method(config: Dict[str, Any], return_model: bool = False):
     fit_seconds = time.time() - t0
     log.info(f"fitted in {fit_seconds:.1f}s: {facts}")
     model.eval()
-    calibration = calibrate_maps(model, holdout_images, config)
-    log.info(f"calibration on {calibration['holdout_images']} held-out normal images: "
-             f"threshold {calibration['threshold']}")
+    calibration = calibrate_maps(model, holdout_images, config, n_normal)
+    _log_calibration(log, calibration)
     final = os.path.join(out_dir, FINAL_NAME)
     atomic_save({"method": config["method"], "backbone": config["backbone"], "epoch": 0,
                  "model": model.checkpoint_state(include_backbone=not config["backbone_pretrained"]),
-                 "config": dict(config), "calibration": calibration,
+                 "config": dict(config), "calibration": calibration, "run": _new_run_info(), "split": record,
                  "fit": {**facts, "fit_seconds": round(fit_seconds, 2)}}, final)
     log.info(f"saved {final}")
     return (final, model) if return_model else final
@@ -142,47 +391,86 @@ def train(config: Dict[str, Any], return_model: bool = False):
 
     With ``return_model`` returns ``(path_or_None, model)`` (every rank; used by tests).
     Parameter names (which key the optimizer state) are generated afresh, so resuming works in a
-    process that has built other layers before."""
+    process that has built other layers before. Raises :class:`kdad.utils.checkpoint.RunFolderError`
+    when the class folder holds another run or another run is writing to it,
+    :class:`TrainingDiverged` at the first non-finite loss and :class:`TrainingInterrupted` on Ctrl-C."""
     if config["method"] != "kdad":
         return fit_method(config, return_model)
     with paddle.utils.unique_name.guard():
-        return _train(config, return_model)
+        rank, world_size = _world()
+        return _in_run(config, lambda run: _train(config, run, rank, world_size, return_model), rank,
+                       world_size)
 
 
-def _train(config: Dict[str, Any], return_model: bool):
-    rank, world_size = _world()
+def _all_finite(value: float, world_size: int) -> bool:
+    """Whether ``value`` is finite on every rank (all ranks stop together)."""
+    bad = 0.0 if math.isfinite(value) else 1.0
+    if world_size > 1:
+        flag = paddle.to_tensor([bad], dtype="float32")
+        dist.all_reduce(flag)
+        bad = float(flag.numpy().ravel()[0])
+    return bad == 0.0
+
+
+def _finite_weights(layer: paddle.nn.Layer) -> bool:
+    return all(bool(paddle.isfinite(p).all()) for p in layer.parameters())
+
+
+def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_size: int, return_model: bool):
+    out_dir = class_dir(config)
+    latest = os.path.join(out_dir, LATEST_NAME)
+    notes = list(run.notes) if run else []
+    resumed_state = None
+    if config["continue_train"]:
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"continue_train is set but there is no checkpoint '{latest}'")
+        resumed_state = load_checkpoint(latest)
+        config, adopted = resume_config(config, resumed_state, latest)
+        notes += adopted
     seed_everything(int(config["seed"]))
     threads = set_cpu_threads(int(config["cpu_threads"]), world_size)
-    out_dir = class_dir(config)
     name = class_name(config)
     log = get_logger(f"train.{name}.{rank}", log_path(config, "train") if rank == 0 else "",
                      console=rank == 0)
+    for note in notes:
+        log.info(note)
 
-    train_set_samples, holdout_samples = split_train(config)
-    train_images = dataset(train_set_samples, config).images()
-    holdout_images = dataset(holdout_samples, config).images() if holdout_samples else train_images[:0]
+    train_images, holdout_images, record = _read_split(config)
+    if resumed_state is not None and resumed_state.get("split"):
+        problems = compare_split(resumed_state["split"], record)
+        if problems:
+            raise ValueError(f"continue_train: the training images differ from those '{latest}' was trained "
+                             f"on ({'; '.join(problems)}); resume on the same images or start a new run")
+    n_normal = len(train_images) + len(holdout_images)
 
     model = build_model(config)
     check_taps_match(model.expert, model.cloner, int(config["mvtec_img_size"]))
     if not config["pretrain"]:
         expert_path = os.path.join(out_dir, RANDOM_EXPERT_NAME)
-        if config["continue_train"] and os.path.isfile(expert_path):
+        if config["continue_train"]:
+            if not os.path.isfile(expert_path):
+                raise FileNotFoundError(f"continue_train: the run was trained with a random expert "
+                                        f"(pretrain: False), whose weights '{expert_path}' are missing")
             model.expert.set_state_dict(paddle.load(expert_path))
         elif rank == 0:
             atomic_save(model.expert.state_dict(), expert_path)
+            run.created.append(expert_path)
     optimizer = paddle.optimizer.Adam(learning_rate=float(config["learning_rate"]),
                                       parameters=model.cloner.parameters())
 
     start_epoch = 0
-    latest = os.path.join(out_dir, LATEST_NAME)
-    if config["continue_train"]:
-        if not os.path.isfile(latest):
-            raise FileNotFoundError(f"continue_train is set but there is no checkpoint '{latest}'")
-        state = load_checkpoint(latest)
-        model.cloner.set_state_dict(state["cloner"])
-        optimizer.set_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
+    run_info = _new_run_info()
+    if resumed_state is not None:
+        model.cloner.set_state_dict(resumed_state["cloner"])
+        optimizer.set_state_dict(resumed_state["optimizer"])
+        start_epoch = int(resumed_state["epoch"]) + 1
+        run_info = resumed_state.get("run")  # None: a run older than run ids goes on without one
+        if start_epoch > int(config["num_epochs"]):
+            raise ValueError(f"continue_train: '{latest}' is at epoch {start_epoch - 1}, beyond num_epochs "
+                             f"{config['num_epochs']}; raise num_epochs to train on")
         log.info(f"resumed from {latest} at epoch {start_epoch}")
+    else:
+        log.info(f"run {run_info['id']} started in {out_dir}")
 
     cloner = paddle.DataParallel(model.cloner) if world_size > 1 else model.cloner
     cached = None
@@ -200,11 +488,27 @@ def _train(config: Dict[str, Any], return_model: bool):
 
     sampler = paddle.io.DistributedBatchSampler(_Indices(), batch_size=int(config["batch_size"]),
                                                 shuffle=True, drop_last=False)
-    log.info(f"class {name}: {len(train_images)} training images, {len(holdout_images)} held out; "
-             f"expert {config['expert']} (pretrain={config['pretrain']}); world size {world_size}, "
-             f"{threads} CPU threads per process")
+    log.info(f"class {name}: {len(train_images)} training images, {len(holdout_images)} held out "
+             f"(seed {config['seed']}); expert {config['expert']} (pretrain={config['pretrain']}); world "
+             f"size {world_size}, {threads} CPU threads per process")
+    _log_calibration_plan(log, len(holdout_images), n_normal, config)
     log.info("config:\n" + dump_config(config))
     num_epochs = int(config["num_epochs"])
+
+    def diverged(what: str, epoch: int) -> TrainingDiverged:
+        if run is not None and run.checkpoint is not None:
+            kept = (f"the last checkpoint '{run.checkpoint[1]}' (epoch {run.checkpoint[0]}) is kept. Start "
+                    "again with a lower learning_rate (-o overwrite=True replaces this run)")
+        elif resumed_state is not None:
+            kept = f"'{latest}' (epoch {start_epoch - 1}) is kept"
+        else:
+            kept = "nothing was kept. Start again with a lower learning_rate"
+        error = TrainingDiverged(
+            f"training stopped at epoch {epoch}: {what}: the run diverged (learning_rate "
+            f"{float(config['learning_rate']):g} may be too high). No final model was written; {kept}")
+        log.info(f"ERROR: {error}")
+        return error
+
     epochs = range(start_epoch, num_epochs)
     if config["progress_bar"] and rank == 0:
         from tqdm import tqdm
@@ -214,7 +518,7 @@ def _train(config: Dict[str, Any], return_model: bool):
         model.train()
         sampler.set_epoch(int(config["seed"]) * 100003 + epoch)
         t0, losses = time.time(), []
-        for batch_indices in sampler:
+        for batch_number, batch_indices in enumerate(sampler):
             index = np.asarray(batch_indices)
             x = paddle.to_tensor(train_images[index])
             if cached is not None:
@@ -222,33 +526,41 @@ def _train(config: Dict[str, Any], return_model: bool):
             else:
                 expert_feats = model.expert_loss_features(x)
             loss = training_loss(cloner(x), expert_feats, model.loss_taps, model.lamda, model.direction_only)
+            value = float(loss)
+            if not _all_finite(value, world_size):  # before the step: the weights stay the last good ones
+                raise diverged(f"the loss is {value} in batch {batch_number}", epoch)
             loss.backward()
             optimizer.step()
             optimizer.clear_grad()
-            losses.append(float(loss))
+            losses.append(value)
         epoch_loss = float(np.mean(losses))
+        periodic = int(config["save_every"]) > 0 and epoch % int(config["save_every"]) == 0
+        if (periodic or epoch == num_epochs - 1) and not _finite_weights(model.cloner):
+            raise diverged("the weights are no longer finite after its last step", epoch)
         if rank == 0:
             log.info(f"epoch {epoch} loss {epoch_loss:.6f} time {time.time() - t0:.2f}s")
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{epoch_loss:.4f}")
-            periodic = int(config["save_every"]) > 0 and epoch % int(config["save_every"]) == 0
             if periodic or epoch == num_epochs - 1:
                 state = {"method": "kdad", "cloner": model.cloner.state_dict(),
                          "optimizer": optimizer.state_dict(), "epoch": epoch, "loss": epoch_loss,
-                         "config": dict(config)}
+                         "config": dict(config), "run": run_info, "split": record}
                 if periodic and config["keep_checkpoints"]:
                     atomic_save(state, os.path.join(out_dir, epoch_checkpoint_name(epoch)))
                 atomic_save(state, latest)
+                run.checkpoint = (epoch, latest)
     if world_size > 1:
         dist.barrier()
     if rank != 0:
         return (None, model) if return_model else None
     model.eval()
-    calibration = calibrate(model, holdout_images, config)
-    log.info(f"calibration on {calibration['holdout_images']} held-out normal images: "
-             f"threshold {calibration['threshold']}")
+    try:
+        calibration = calibrate(model, holdout_images, config, n_normal)
+    except TrainingDiverged as error:
+        raise diverged(str(error), num_epochs - 1) from None
+    _log_calibration(log, calibration)
     final = os.path.join(out_dir, FINAL_NAME)
     atomic_save({"method": "kdad", "cloner": model.cloner.state_dict(), "epoch": num_epochs - 1,
-                 "config": dict(config), "calibration": calibration}, final)
+                 "config": dict(config), "calibration": calibration, "run": run_info, "split": record}, final)
     log.info(f"saved {final}")
     return (final, model) if return_model else final

@@ -10,9 +10,13 @@ initialised).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
+import shutil
+import socket
 import tempfile
+import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import paddle
@@ -23,13 +27,18 @@ FINAL_NAME = "model_final.pdparams"
 LATEST_NAME = "checkpoint_latest.pdparams"
 RANDOM_EXPERT_NAME = "expert_random_init.pdparams"
 _EPOCH_PATTERN = re.compile(r"checkpoint_epoch_(\d+)\.pdparams$")
+LOCK_NAME = ".kdad-run.lock"
+TMP_PREFIX = ".tmp-"
+_TMP_PATTERN = re.compile(r"^\.tmp-(?:(\d+)-)?.*\.pdparams$")  # .tmp-<pid>-<random>.pdparams
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``paddle.save`` to a temporary file beside ``path``, then rename it into place."""
+    """``paddle.save`` to a temporary file beside ``path``, then rename it into place. The temporary
+    file is named ``.tmp-<pid>-*.pdparams``, so one left by a killed writer can be recognised
+    (:func:`clean_stale_temporaries`)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pdparams", dir=folder)
+    handle, tmp_path = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=".pdparams", dir=folder)
     os.close(handle)
     try:
         paddle.save(obj, tmp_path)
@@ -53,6 +62,212 @@ def list_epoch_checkpoints(folder: str) -> List[Tuple[int, str]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+class RunFolderError(ValueError):
+    """A run folder is busy (another run holds its lock) or holds another run."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def run_files(folder: str) -> List[str]:
+    """The names of the files of a run in ``folder`` (final model, checkpoints, random expert)."""
+    if not os.path.isdir(folder):
+        return []
+    names = []
+    for name in sorted(os.listdir(folder)):
+        if name in (FINAL_NAME, LATEST_NAME, RANDOM_EXPERT_NAME) or _EPOCH_PATTERN.fullmatch(name):
+            names.append(name)
+    return names
+
+
+def describe_run_files(names: List[str]) -> str:
+    """``model_final.pdparams, checkpoint_latest.pdparams, 3 checkpoint_epoch_*.pdparams (epochs 0..20)``."""
+    epochs = sorted(int(m.group(1)) for m in map(_EPOCH_PATTERN.fullmatch, names) if m)
+    parts = [n for n in names if not _EPOCH_PATTERN.fullmatch(n)]
+    if epochs:
+        parts.append(f"{len(epochs)} checkpoint_epoch_*.pdparams (epochs {epochs[0]}..{epochs[-1]})")
+    return ", ".join(parts)
+
+
+def clean_stale_temporaries(folder: str) -> Tuple[int, int]:
+    """Delete the ``.tmp-*.pdparams`` files in ``folder`` whose writer is gone (killed during
+    :func:`atomic_save`): those naming a process that no longer exists, and unnamed ones of older
+    versions. Returns ``(files, bytes)`` deleted. Call it while holding the folder's :class:`RunLock`."""
+    count = size = 0
+    if not os.path.isdir(folder):
+        return 0, 0
+    for name in os.listdir(folder):
+        match = _TMP_PATTERN.match(name)
+        if not match:
+            continue
+        pid = int(match.group(1)) if match.group(1) else None
+        if pid is not None and (pid == os.getpid() or pid_alive(pid)):
+            continue  # a live writer's file
+        path = os.path.join(folder, name)
+        try:
+            bytes_ = os.path.getsize(path)
+            os.remove(path)
+        except OSError:
+            continue
+        count, size = count + 1, size + bytes_
+    return count, size
+
+
+class RunLock:
+    """The lock of a run folder, held for the whole run: ``<folder>/.kdad-run.lock`` holds the
+    owner's pid, host, start time and command line.
+
+    On Linux/macOS the file is locked with ``flock``, which the kernel releases when the process
+    dies, so a lock left by a killed run (``kill -9``) is taken over (with a warning naming the dead
+    pid) and two live runs never both hold it. Without ``fcntl`` the file is created with
+    ``O_EXCL`` and a lock naming a dead pid of this host is taken over.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+        self._fd: Optional[int] = None
+        self.created_root: Optional[str] = None  # the topmost folder created by acquire()
+
+    def _record(self) -> bytes:
+        import sys
+
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                           "command": " ".join(sys.argv)}).encode()
+
+    @staticmethod
+    def _parse(raw: bytes) -> Dict[str, Any]:
+        try:
+            value = json.loads(raw.decode("utf-8", "replace") or "{}")
+            return value if isinstance(value, dict) else {}
+        except ValueError:
+            return {}
+
+    def _busy(self, holder: Mapping[str, Any]) -> RunFolderError:
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: "
+               f"{holder.get('command')}" if holder else "unknown process")
+        return RunFolderError(
+            f"another run is writing to '{self.folder}' ({who}); runs never share a folder: wait for it to "
+            f"end or use another --save_dir (if that process is gone, delete '{self.path}')")
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a warning when a dead run's lock was taken over. Raises
+        :class:`RunFolderError` when another live run holds it."""
+        missing = os.path.abspath(self.folder)
+        while not os.path.exists(os.path.dirname(missing)) and os.path.dirname(missing) != missing:
+            missing = os.path.dirname(missing)
+        self.created_root = None if os.path.exists(missing) else missing
+        os.makedirs(self.folder, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self._acquire_exclusive()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = self._parse(os.pread(fd, 65536, 0))
+                os.close(fd)
+                raise self._busy(holder) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous owner deleted the file between our open and flock
+                os.close(fd)
+                continue
+            previous = self._parse(os.pread(fd, 65536, 0))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._record(), 0)
+            self._fd = fd
+            if previous.get("pid") and previous.get("pid") != os.getpid():
+                return (f"took over the lock of an earlier run that ended without releasing it (pid "
+                        f"{previous.get('pid')}, started {previous.get('started')}; killed?)")
+            return None
+
+    def _acquire_exclusive(self) -> Optional[str]:  # pragma: no cover - Windows
+        warning = None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                with open(self.path, "rb") as handle:
+                    holder = self._parse(handle.read())
+                if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", 0))):
+                    os.remove(self.path)
+                    warning = (f"took over the stale lock of pid {holder.get('pid')} (no longer running, "
+                               f"started {holder.get('started')})")
+                    continue
+                raise self._busy(holder) from None
+            os.write(fd, self._record())
+            self._fd = fd
+            return warning
+        raise self._busy({})
+
+    def release(self, remove_created: bool = False) -> None:
+        """Delete the lock file and release the lock; with ``remove_created`` also delete the folders
+        :meth:`acquire` created, when they are empty."""
+        if self._fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        try:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except (ImportError, OSError):  # pragma: no cover
+            pass
+        os.close(self._fd)
+        self._fd = None
+        if remove_created and self.created_root:
+            folder = os.path.abspath(self.folder)
+            while True:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+                if folder == self.created_root:
+                    break
+                folder = os.path.dirname(folder)
+
+
+def remove_run_files(folder: str) -> List[str]:
+    """Delete the run files (:func:`run_files`) in ``folder``; returns their names."""
+    names = run_files(folder)
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):  # pragma: no cover - never written by the trainer
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return names
+
+
+def run_id(state: Mapping[str, Any]) -> Optional[str]:
+    """The id of the run a checkpoint belongs to (None for checkpoints older than run ids)."""
+    run = state.get("run")
+    return str(run.get("id")) if isinstance(run, Mapping) and run.get("id") else None
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
