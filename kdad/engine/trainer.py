@@ -370,7 +370,7 @@ def _fit(config: Dict[str, Any], run: Optional[_RunFolder], return_model: bool):
     log.info("config:\n" + dump_config(config))
     model = spec.build_model(config)
     t0 = time.time()
-    facts = spec.fit(model, train_images, config, log)
+    facts = spec.fit(model, train_images, config, log.info)  # methods log through a plain callable
     fit_seconds = time.time() - t0
     log.info(f"fitted in {fit_seconds:.1f}s: {facts}")
     model.eval()

@@ -82,7 +82,8 @@ class MethodSpec:
 
     ``build_model(config)`` returns the untrained/unfitted :class:`AnomalyModel` (pretrained
     backbone loaded). ``fit(model, images, config, log)`` fits a training-free method on normal
-    images ``[N, 3, S, S]`` in [0, 1] and returns a dict of facts for the log and checkpoint.
+    images ``[N, 3, S, S]`` in [0, 1] and returns a dict of facts for the log and checkpoint;
+    ``log`` is a callable taking one message (the engine passes its logger's ``info``).
     """
 
     name: str
