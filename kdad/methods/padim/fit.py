@@ -28,9 +28,10 @@ Log = Optional[Union[Callable[[str], Any], Any]]
 
 
 def _single_thread_blas() -> contextlib.AbstractContextManager:
-    """OpenBLAS's threaded LU on thousands of small matrices is 10-20x slower than one thread on a
-    busy CPU (measured: 4096 inverses of 100x100, 43 s vs 2 s on 2 loaded cores); threadpoolctl
-    (a scikit-learn dependency) limits it while inverting; without it nothing changes."""
+    """OpenBLAS's threads on thousands of small matrices are 10-20x slower than one thread on a busy
+    CPU (measured on 2 loaded cores: 4096 inverses of 100x100, 43 s vs 2 s; 4096 products
+    176x16 @ 16x176, 13 s vs 1.4 s); threadpoolctl (a scikit-learn dependency) limits it while
+    accumulating and inverting; without it nothing changes."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - scikit-learn brings it
@@ -66,13 +67,14 @@ class StreamingGaussian:
             return
         n_a, n = self.count, self.count + n_b
         mean_b = batch.mean(axis=0)  # [P, d]
-        for start in range(0, self.positions, self.chunk):
-            stop = min(start + self.chunk, self.positions)
-            centred = batch[:, start:stop].transpose(1, 0, 2) - mean_b[start:stop, None]  # [c, B, d]
-            self.m2[start:stop] += np.matmul(centred.transpose(0, 2, 1), centred)
-            if n_a:
-                delta = mean_b[start:stop] - self.mean[start:stop]
-                self.m2[start:stop] += (n_a * n_b / n) * (delta[:, :, None] * delta[:, None, :])
+        with _single_thread_blas():  # thousands of small products: threads only thrash (10x slower)
+            for start in range(0, self.positions, self.chunk):
+                stop = min(start + self.chunk, self.positions)
+                centred = batch[:, start:stop].transpose(1, 0, 2) - mean_b[start:stop, None]  # [c, B, d]
+                self.m2[start:stop] += np.matmul(centred.transpose(0, 2, 1), centred)
+                if n_a:
+                    delta = mean_b[start:stop] - self.mean[start:stop]
+                    self.m2[start:stop] += (n_a * n_b / n) * (delta[:, :, None] * delta[:, None, :])
         self.mean += (n_b / n) * (mean_b - self.mean)
         self.count = n
 
