@@ -79,6 +79,12 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "feature_dim": (int, 0, "PaDiM: channels kept at random (0: the paper's / backbone default)"),
     "coreset_ratio": (float, 0.1, "PatchCore: fraction of training patches kept in the memory bank"),
     "num_neighbors": (int, 9, "PatchCore: neighbours of the re-weighting of the image score (paper b=9)"),
+    "coreset_method": (str, "fast", "PatchCore coreset: fast (cell-partitioned lazy greedy) | exact (the "
+                                    "reference greedy k-center) | bruteforce (its plain loop)"),
+    "coreset_cell_size": (int, 1024, "PatchCore fast coreset: rows per cell (a pick reads at most these)"),
+    "coreset_probes": (int, 16, "PatchCore fast coreset: neighbouring cells a new centre is compared with"),
+    "feature_engine": (str, "paddle_inference", "PatchCore fitting features: paddle_inference (a "
+                                                "temporary static model, oneDNN) | dygraph"),
 }
 
 # Defaults of a method that differ from the table above; a value from the config file or the
@@ -222,6 +228,12 @@ def validate(config: Mapping[str, Any]) -> None:
         (config["method"] in METHOD_NAMES, f"method must be one of {METHOD_NAMES}"),
         (0 < config["coreset_ratio"] <= 1, "coreset_ratio must be in (0, 1]"),
         (config["num_neighbors"] >= 1, "num_neighbors must be >= 1"),
+        (config["coreset_method"] in ("fast", "exact", "bruteforce"),
+         "coreset_method must be fast, exact or bruteforce"),
+        (config["coreset_cell_size"] >= 2, "coreset_cell_size must be >= 2"),
+        (config["coreset_probes"] >= 0, "coreset_probes must be >= 0"),
+        (config["feature_engine"] in ("paddle_inference", "dygraph"),
+         "feature_engine must be paddle_inference or dygraph"),
         (config["feature_dim"] >= 0, "feature_dim must be >= 0"),
     ]
     for ok, message in checks:
