@@ -83,6 +83,8 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
                                     "reference greedy k-center) | bruteforce (its plain loop)"),
     "coreset_cell_size": (int, 1024, "PatchCore fast coreset: rows per cell (a pick reads at most these)"),
     "coreset_probes": (int, 16, "PatchCore fast coreset: neighbouring cells a new centre is compared with"),
+    "patchcore_bank_chunk": (int, 2048, "PatchCore: bank rows per distance chunk of the exported model "
+                                        "(bounds its scratch memory per batch)"),
     "feature_engine": (str, "paddle_inference", "PatchCore fitting features: paddle_inference (a "
                                                 "temporary static model, oneDNN) | dygraph"),
 }
@@ -232,6 +234,7 @@ def validate(config: Mapping[str, Any]) -> None:
          "coreset_method must be fast, exact or bruteforce"),
         (config["coreset_cell_size"] >= 2, "coreset_cell_size must be >= 2"),
         (config["coreset_probes"] >= 0, "coreset_probes must be >= 0"),
+        (config["patchcore_bank_chunk"] >= 1, "patchcore_bank_chunk must be >= 1"),
         (config["feature_engine"] in ("paddle_inference", "dygraph"),
          "feature_engine must be paddle_inference or dygraph"),
         (config["feature_dim"] >= 0, "feature_dim must be >= 0"),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from typing import Dict, List, Tuple
 
@@ -296,7 +298,7 @@ def test_scores_rank_the_defect_and_checkpoint_roundtrip(small_fitted):
         other.load_fitted_state({"memory_bank": np.zeros((5, 10), np.float32)})
 
 
-def test_export_to_paddle_inference_equals_dynamic(small_fitted):
+def test_export_to_paddle_inference_and_onnx_equals_dynamic(small_fitted):
     from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
 
     config, model, _, _, test = small_fitted
@@ -319,3 +321,16 @@ def test_export_to_paddle_inference_equals_dynamic(small_fitted):
             ref_maps = maps if batch.shape[0] == 3 else maps[1:2]
             np.testing.assert_allclose(exported_scores, ref_scores, rtol=1e-5)
             assert np.abs(exported_maps - ref_maps).max() <= 1e-5 * np.abs(ref_maps).max()
+        # the same program through paddle2onnx and onnxruntime (the ONNX deployment path)
+        onnx_file = os.path.join(folder, "model.onnx")
+        command = [sys.executable, "-m", "paddle2onnx.command", "--model_dir", folder,
+                   "--model_filename", os.path.basename(model_file), "--params_filename", "model.pdiparams",
+                   "--save_file", onnx_file, "--opset_version", "13", "--optimize_tool", "None"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0 and os.path.isfile(onnx_file), (done.stdout + done.stderr)[-2000:]
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+        onnx_scores, onnx_maps = session.run(None, {session.get_inputs()[0].name: test})
+        np.testing.assert_allclose(onnx_scores, scores, rtol=1e-5)
+        assert np.abs(onnx_maps - maps).max() <= 1e-5 * np.abs(maps).max()
