@@ -122,3 +122,31 @@ def test_method_defaults_yield_to_explicit_values(tmp_path):
         load_config(None, {"method": "stfpm2"})
     with pytest.raises(ConfigError, match="'layers' must be list"):
         load_config(None, {"layers": 3})
+
+
+def test_a_kdad_checkpoint_from_before_the_method_interface_loads(tmp_path):
+    """Checkpoints written before ``method`` existed (no ``method`` key, no new config keys) are KDAD's."""
+    import numpy as np
+    import paddle
+
+    from kdad.config import SCHEMA
+    from kdad.methods.kdad.model import build_model
+    from kdad.utils.checkpoint import load_model
+
+    old_keys = set(SCHEMA) - {"method", "backbone", "backbone_pretrained", "backbone_weights", "layers",
+                              "feature_dim", "coreset_ratio", "num_neighbors", "coreset_method",
+                              "coreset_cell_size", "coreset_probes", "feature_engine",
+                              "patchcore_bank_chunk", "overwrite", "test_fraction", "min_calibration_images"}
+    config = load_config(None, {"expert": "efficientnet_lite0", "mvtec_img_size": 64})
+    model = build_model(config)
+    model.eval()
+    path = str(tmp_path / "old_model_final.pdparams")
+    paddle.save({"cloner": model.cloner.state_dict(), "epoch": 4,
+                 "config": {key: value for key, value in config.items() if key in old_keys}}, path)
+    loaded, state, effective = load_model(path)
+    assert effective["method"] == "kdad" and "method" not in state
+    x = paddle.to_tensor(np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
+    with paddle.no_grad():
+        np.testing.assert_allclose(loaded.score(x).numpy(), model.score(x).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="holds a kdad model"):
+        load_model(path, load_config(None, {"method": "padim"}))
