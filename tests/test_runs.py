@@ -345,3 +345,24 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(data: Path, tmp_path: Pa
     assert command[-2:] == ["-o", "continue_train=True"] and command[2:-2] == args[1:]
     assert not (save_dir / CLASS / LOCK_NAME).exists()
     assert paddle.load(str(latest))["epoch"] >= 0
+
+
+def test_infer_into_a_folder_with_earlier_results_writes_a_new_run_folder(tmp_path):
+    """tools/infer.py's save_dir rule (shared with predict): earlier results and heatmaps are kept,
+    the new run goes to the first free run_NNN (it used to rewrite results.csv beside old heatmaps)."""
+    from kdad.deploy.runtime import InferenceError, fresh_output_dir
+
+    target = tmp_path / "infer"
+    assert fresh_output_dir(str(target)) == str(target)  # new folder: used as it is
+    (target / "heatmaps").mkdir()
+    (target / "heatmaps" / "old.png").write_bytes(b"png")
+    (target / "results.csv").write_text("image,score\n")
+    first = fresh_output_dir(str(target))
+    assert first == str(target / "run_001")
+    (tmp_path / "infer" / "run_001" / "results.csv").write_text("x")
+    assert fresh_output_dir(str(target)) == str(target / "run_002")
+    assert (target / "heatmaps" / "old.png").read_bytes() == b"png"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(InferenceError, match="is not a folder"):
+        fresh_output_dir(str(a_file))

@@ -441,6 +441,34 @@ def unique_output_name(path: str, root: str, used: Dict[str, int], suffix: str) 
     return f"{stem}{suffix}" if count == 0 else f"{stem}_{count + 1}{suffix}"
 
 
+def holds_results(folder: str) -> bool:
+    """Whether ``folder`` holds the results of an earlier predict/infer run."""
+    if not os.path.isdir(folder):
+        return False
+    names = os.listdir(folder)
+    return any(n in (CSV_NAME, JSON_NAME, HEATMAP_DIR) or n.endswith("_result.png") for n in names)
+
+
+def fresh_output_dir(save_dir: str) -> str:
+    """``save_dir``, or the first free ``save_dir/run_NNN`` when it holds an earlier run's results:
+    a run never mixes its files with another's, and nothing earlier is overwritten."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise InferenceError(f"save_dir '{save_dir}' exists and is not a folder")
+    if not holds_results(save_dir):
+        os.makedirs(save_dir, exist_ok=True)
+        return save_dir
+    number = 1
+    while True:
+        candidate = os.path.join(save_dir, f"run_{number:03d}")
+        try:
+            os.makedirs(candidate)
+        except FileExistsError:
+            number += 1
+            continue
+        info(f"note: '{save_dir}' already holds results of an earlier run (kept); writing to '{candidate}'")
+        return candidate
+
+
 def write_results(save_dir: str, results: List[Dict[str, Any]], summary: Mapping[str, Any]) -> None:
     """``results.csv`` (:data:`RESULT_COLUMNS`, empty cells for None) and ``results.json``."""
     os.makedirs(save_dir, exist_ok=True)
@@ -706,12 +734,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                   model_path=runner.model_file,
                                   gpu_ids=options.gpu_id if runner.config.use_gpu() else None)
         runner.run(np.zeros((args.batch_size, 3, size, size), dtype=np.float32))  # warm-up, not timed
+    save_dir = fresh_output_dir(args.save_dir) if args.save_dir else args.save_dir
     output = predict_folder(runner.run, deploy, args.input_file, args.batch_size, args.threshold,
-                            args.save_dir, args.save_heatmaps, autolog.times if autolog else None,
+                            save_dir, args.save_heatmaps, autolog.times if autolog else None,
                             pixel_threshold, getattr(args, "display_size", 256))
     if autolog is not None:
         report_benchmark(autolog)
-    print_summary(output["summary"], args.save_dir)
+    print_summary(output["summary"], save_dir)
     output["runner"] = runner
     output["deploy"] = deploy
     return output

@@ -30,7 +30,9 @@ from kdad.data.io import ImageReadError, preprocess, read_image
 from kdad.deploy.runtime import (
     CSV_NAME,
     JSON_NAME,
+    InferenceError,
     check_run_options,
+    fresh_output_dir,
     is_image_file,
     list_images,
     print_summary,
@@ -51,29 +53,12 @@ __all__ = ["CSV_NAME", "JSON_NAME", "RESULT_SUFFIX", "is_image_file", "list_imag
            "predict", "resolve_thresholds"]
 
 
-def _holds_results(folder: str) -> bool:
-    if not os.path.isdir(folder):
-        return False
-    return any(n in (CSV_NAME, JSON_NAME) or n.endswith(RESULT_SUFFIX) for n in os.listdir(folder))
-
-
 def output_dir(save_dir: str) -> str:
-    """``save_dir``, or the first free ``save_dir/run_NNN`` if ``save_dir`` holds earlier results."""
-    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-        raise ValueError(f"save_dir '{save_dir}' exists and is not a folder")
-    if not _holds_results(save_dir):
-        os.makedirs(save_dir, exist_ok=True)
-        return save_dir
-    number = 1
-    while True:
-        candidate = os.path.join(save_dir, f"run_{number:03d}")
-        try:
-            os.makedirs(candidate)
-        except FileExistsError:
-            number += 1
-            continue
-        print(f"note: '{save_dir}' already holds results of an earlier run (kept); writing to '{candidate}'")
-        return candidate
+    """``save_dir``, or the first free ``save_dir/run_NNN`` (the deploy runtime's rule, shared)."""
+    try:
+        return fresh_output_dir(save_dir)
+    except InferenceError as error:
+        raise ValueError(str(error)) from None
 
 
 def resolve_thresholds(
