@@ -70,6 +70,7 @@ def time_ms(run, batch: np.ndarray, repeats: int) -> float:
 
 def bench_checkpoint(method: str, checkpoint: str, batch_sizes: List[int], threads: int, repeats: int,
                      rate: float) -> Dict[str, Any]:
+    from kdad.deploy.config import load_deploy_config
     from kdad.deploy.onnx_runtime import OnnxRunner, convert_to_onnx
     from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
     from kdad.export import export_model
@@ -89,12 +90,13 @@ def bench_checkpoint(method: str, checkpoint: str, batch_sizes: List[int], threa
         params_file = os.path.join(model_dir, "model.pdiparams")
         onnx_file = convert_to_onnx(model_dir, os.path.join(folder, "onnx"))
         engines = {
-            "pi_onednn": create_paddle_predictor(model_file, params_file,
-                                                 PredictorOptions(enable_mkldnn=True, cpu_threads=threads)).run,
             "pi_native": create_paddle_predictor(model_file, params_file,
                                                  PredictorOptions(enable_mkldnn=False, cpu_threads=threads)).run,
             "onnxruntime": OnnxRunner(onnx_file, threads).run,
         }
+        if load_deploy_config(model_dir)["engine"].get("onednn"):  # e.g. not with interpolation ops
+            engines["pi_onednn"] = create_paddle_predictor(
+                model_file, params_file, PredictorOptions(enable_mkldnn=True, cpu_threads=threads)).run
         rng = np.random.default_rng(0)
         for batch_size in batch_sizes:
             batch = rng.random((batch_size, 3, size, size), dtype=np.float32)
