@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from golden_rule import rule_weights  # tests/golden_rule.py (pytest puts tests/ on sys.path)
 from scipy.spatial.distance import mahalanobis
 
 from kdad.backbones import build_backbone
@@ -45,22 +46,6 @@ BN_RENAME = {"running_mean": "_mean", "running_var": "_variance"}
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def rule_weights(spec: List[Tuple[str, Tuple[int, ...]]], seed: int, gain: float) -> Dict[str, np.ndarray]:
-    """The golden README's weight rule (numpy only, one generator over the key list)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, shape in spec:
-        name = key.rsplit(".", 1)[-1]
-        if name == "running_var" or (name == "weight" and len(shape) == 1):
-            values = rng.uniform(0.5, 1.5, shape)
-        elif name in ("bias", "running_mean"):
-            values = rng.normal(0.0, 0.1, shape)
-        else:
-            values = rng.normal(0.0, np.sqrt(gain / int(np.prod(shape[1:]))), shape)
-        out[key] = values.astype(np.float16).astype(np.float32)
-    return out
-
 
 def paddle_key(torch_key: str) -> str:
     head, name = torch_key.rsplit(".", 1)

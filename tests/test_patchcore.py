@@ -14,11 +14,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Tuple
 
 import numpy as np
 import paddle
 import pytest
+from golden_rule import rule_weights  # tests/golden_rule.py (pytest puts tests/ on sys.path)
 
 import kdad  # noqa: F401  (sets the CPU environment before paddle's kernels run)
 from kdad.backbones import build_backbone
@@ -41,22 +41,6 @@ GOLDEN = os.path.join(REPO, "..", "shared", "golden", "patchcore_reference_v1.np
 
 
 # --- golden: anomalib 2.7.0's PatchcoreModel on rule weights -------------------------------------------
-
-def rule_weights(spec: List[Tuple[str, Tuple[int, ...]]], seed: int, gain: float) -> Dict[str, np.ndarray]:
-    """The fixture README's weight rule: one numpy generator over the key list, float16-exact values."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, shape in spec:
-        name = key.rsplit(".", 1)[-1]
-        if name == "running_var" or (name == "weight" and len(shape) == 1):
-            values = rng.uniform(0.5, 1.5, shape)
-        elif name in ("bias", "running_mean"):
-            values = rng.normal(0.0, 0.1, shape)
-        else:
-            values = rng.normal(0.0, math.sqrt(gain / int(np.prod(shape[1:]))), shape)
-        out[key] = values.astype(np.float16).astype(np.float32)
-    return out
-
 
 def l2_rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
