@@ -23,7 +23,8 @@ from kdad.config import load_config, parse_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = {"kdad": "configs/efficientnet_lite0.yaml", "padim": "configs/padim.yaml",
-                   "patchcore": "configs/patchcore.yaml"}
+                   "patchcore": "configs/patchcore.yaml", "stfpm": "configs/stfpm.yaml",
+                   "rd4ad": "configs/rd4ad.yaml"}
 # the exported graph timed per method: the one that gives the evaluated maps (KDAD: gradient heatmap)
 TIMED_KIND = {"kdad": "heatmap"}
 COLUMNS = (("method", "method"), ("backbone", "backbone"), ("image_size", "size"),
@@ -96,7 +97,10 @@ def benchmark_method(method: str, checkpoint: Optional[str], config_file: str, a
     trained = state["config"]
     row["backbone"] = trained.get("expert") if method == "kdad" else state.get("backbone")
     row["image_size"] = int(trained["mvtec_img_size"])
-    row["epochs"] = int(state.get("epoch", 0)) + 1 if method == "kdad" else None  # fitted, not trained
+    from kdad.registry import get_method
+
+    trained_method = get_method(method).training is not None
+    row["epochs"] = int(state.get("epoch", 0)) + 1 if trained_method else None  # fitted, not trained
     if row["train_seconds"] is None and state.get("fit"):
         row["train_seconds"] = state["fit"].get("fit_seconds")
     result = run_test(config, checkpoint)

@@ -23,7 +23,7 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "normal_class": (str, "", "the class (MVTec category) trained as normal"),
     "num_epochs": (int, 601, "training epochs (paper: 601 for MVTec)"),
     "batch_size": (int, 64, "training batch size (per process)"),
-    "learning_rate": (float, 1e-3, "Adam learning rate"),
+    "learning_rate": (float, 1e-3, "learning rate of the method's optimiser (KDAD, RD4AD: Adam; STFPM: SGD)"),
     "mvtec_img_size": (int, 128, "input size (square) after resizing"),
     "lamda": (float, 0.5, "weight of the MSE term (paper: 0.5 MVTec, 0.01 otherwise)"),
     "pretrain": (bool, True, "True: ImageNet expert; False: Xavier-initialised expert saved with the model"),
@@ -48,7 +48,8 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "seed": (int, 42, "random seed (numpy, paddle, python)"),
     "save_every": (int, 10, "checkpoint every N epochs (0: only the final one)"),
     "keep_checkpoints": (bool, True, "keep every periodic checkpoint (needed for checkpoint averaging)"),
-    "cache_expert_features": (bool, True, "compute the expert's features once per training image"),
+    "cache_expert_features": (bool, True, "compute the frozen expert's (teacher's) features once per "
+                                          "training image"),
     "holdout_fraction": (float, 0.1, "fraction of the normal training images held out for threshold "
                                      "calibration (seeded; recorded in the checkpoint)"),
     "test_fraction": (float, 0.2, "folder dataset: fraction of the good images kept for the test set "
@@ -69,9 +70,10 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "progress_bar": (bool, True, "show a tqdm progress bar"),
     "average_from_epoch": (int, 0, "checkpoint averaging: first epoch counted (after convergence)"),
     # --- the method and its backbone (methods other than KDAD; KDAD uses 'expert') ---
-    "method": (str, "kdad", "kdad | padim | patchcore (kdad.registry)"),
-    "backbone": (str, "efficientnet_lite0", "feature extractor of padim/patchcore: efficientnet_lite0 "
-                                            "(offline), resnet18, wide_resnet50_2 (weights file needed)"),
+    "method": (str, "kdad", "kdad | padim | patchcore | stfpm | rd4ad (kdad.registry)"),
+    "backbone": (str, "efficientnet_lite0", "backbone (teacher) of the methods other than KDAD: "
+                                            "efficientnet_lite0/1/2 (offline), resnet18, wide_resnet50_2 "
+                                            "(weights file needed)"),
     "backbone_pretrained": (bool, True, "ImageNet weights for the backbone (False: random init, saved with "
                                         "the model; for tests)"),
     "backbone_weights": (str, "", "ResNet/WRN ImageNet .pdparams (default: weights/<backbone>.pdparams)"),
@@ -94,11 +96,14 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
 METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "padim": {"mvtec_img_size": 256, "num_epochs": 1, "batch_size": 32},
     "patchcore": {"mvtec_img_size": 256, "num_epochs": 1, "batch_size": 32},
+    # the papers' recipes (STFPM: SGD, RD4AD: Adam betas (0.5, 0.999); see each method's train.py)
+    "stfpm": {"mvtec_img_size": 256, "num_epochs": 100, "batch_size": 32, "learning_rate": 0.4},
+    "rd4ad": {"mvtec_img_size": 256, "num_epochs": 200, "batch_size": 16, "learning_rate": 0.005},
 }
 
 LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp", "feature_map")
 DATASET_NAMES = ("mvtec", "folder")
-METHOD_NAMES = ("kdad", "padim", "patchcore")  # kdad.registry.METHODS (tested to agree)
+METHOD_NAMES = ("kdad", "padim", "patchcore", "stfpm", "rd4ad")  # kdad.registry.METHODS (tested to agree)
 
 
 class ConfigError(ValueError):

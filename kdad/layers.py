@@ -7,6 +7,7 @@ the same maps as the dynamic model.
 from __future__ import annotations
 
 import math
+from typing import List
 
 import numpy as np
 import paddle
@@ -81,6 +82,50 @@ def resize_maps(maps: paddle.Tensor, size: int, mode: str = "bilinear",
     else:
         x = F.interpolate(x, size=[size, size], mode=mode, align_corners=align_corners)
     return x.squeeze(1)
+
+
+def nearest_indices(size_in: int, size_out: int) -> List[int]:
+    """Source index of every output index of ``F.interpolate(mode="nearest")`` (torch's legacy
+    nearest, Paddle's with align_corners False): ``floor(dst * in / out)`` in float32, clipped."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    src = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, size_in - 1).tolist()
+
+
+def bilinear_matrix(size_in: int, size_out: int, align_corners: bool = False) -> np.ndarray:
+    """``[size_out, size_in]`` float32 matrix ``R`` with ``R @ v`` = 1-D linear interpolation of ``v``
+    as ``F.interpolate(mode="bilinear", align_corners=...)``: half-pixel centres with clamped edges
+    (False), or the end samples aligned (True, ``src = dst * (in - 1) / (out - 1)``)."""
+    matrix = np.zeros((size_out, size_in), dtype=np.float64)
+    if align_corners:
+        src = np.arange(size_out) * ((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
+    else:
+        src = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = src - low
+    rows = np.arange(size_out)
+    np.add.at(matrix, (rows, low), 1.0 - frac)
+    np.add.at(matrix, (rows, high), frac)
+    return matrix.astype(np.float32)
+
+
+class MatrixResize(nn.Layer):
+    """Bilinear resampling of maps ``[N, h, w]`` -> ``[N, H, W]`` as two products with fixed
+    interpolation matrices (:func:`bilinear_matrix`): the values of ``F.interpolate(mode="bilinear")``
+    without an interpolation op, so the exported graph runs under oneDNN in Paddle Inference 3.3.1
+    (its interpolation ops fail there)."""
+
+    def __init__(self, size_in: tuple, size_out: tuple, align_corners: bool = False) -> None:
+        super().__init__()
+        self.size_in, self.size_out = tuple(size_in), tuple(size_out)
+        self.rows = bilinear_matrix(self.size_in[0], self.size_out[0], align_corners).tolist()
+        self.cols = bilinear_matrix(self.size_in[1], self.size_out[1], align_corners).tolist()
+
+    def forward(self, maps: paddle.Tensor) -> paddle.Tensor:
+        rows = paddle.to_tensor(self.rows, dtype=maps.dtype)  # [H, h]
+        cols = paddle.to_tensor(self.cols, dtype=maps.dtype)  # [W, w]
+        return paddle.matmul(paddle.matmul(rows, maps), cols, transpose_y=True)
 
 
 def image_max(maps: paddle.Tensor) -> paddle.Tensor:

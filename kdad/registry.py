@@ -13,6 +13,8 @@ METHODS: Dict[str, str] = {
     "kdad": "kdad.methods.kdad",
     "padim": "kdad.methods.padim",
     "patchcore": "kdad.methods.patchcore",
+    "stfpm": "kdad.methods.stfpm",
+    "rd4ad": "kdad.methods.rd4ad",
 }
 
 

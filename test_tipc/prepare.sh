@@ -3,7 +3,7 @@
 #
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD/train_infer_python.txt MODE
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD_EfficientNetLite0/train_infer_python.txt MODE
-#   bash test_tipc/prepare.sh test_tipc/configs/PaDiM/train_infer_python.txt MODE    (also PatchCore)
+#   bash test_tipc/prepare.sh test_tipc/configs/PaDiM/train_infer_python.txt MODE    (also PatchCore, STFPM, RD4AD)
 #
 # The params files hold one plain value per line (the standard TIPC layout), so the mode-specific
 # parts live at fixed paths that this script points at the mode's data, in test_tipc/data/<model_name>/:
@@ -81,8 +81,22 @@ case "${model_name}" in
         EXPORT_KINDS=anomaly_map
         RUN_SUBDIR=patchcore/
         ;;
+    STFPM)  # STFPM, pretrained EfficientNet-Lite0 teacher
+        NEEDS_VGG16=0
+        LITE_CONFIG=test_tipc/configs/STFPM/stfpm_lite.yaml
+        WHOLE_CONFIG=configs/stfpm.yaml
+        EXPORT_KINDS=anomaly_map
+        RUN_SUBDIR=stfpm/
+        ;;
+    RD4AD)  # Reverse Distillation, pretrained EfficientNet-Lite0 encoder
+        NEEDS_VGG16=0
+        LITE_CONFIG=test_tipc/configs/RD4AD/rd4ad_lite.yaml
+        WHOLE_CONFIG=configs/rd4ad.yaml
+        EXPORT_KINDS=anomaly_map
+        RUN_SUBDIR=rd4ad/
+        ;;
     *)
-        echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM and PatchCore, \
+        echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM, PatchCore, STFPM and RD4AD, \
 '${FILENAME}' names '${model_name}'" >&2
         exit 2
         ;;

@@ -103,7 +103,9 @@ def test_registry_and_config_agree():
     for name in METHODS:
         spec = get_method(name)
         assert spec.name == name and callable(spec.build_model)
-        assert (spec.fit is None) == (name == "kdad")  # KDAD trains; the others fit
+        # exactly one way to make a model: trained (epochs of a TrainingSpec) or fitted in one pass
+        assert (spec.fit is None) != (spec.training is None)
+        assert (spec.training is not None) == (name in ("kdad", "stfpm", "rd4ad"))
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
 

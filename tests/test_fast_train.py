@@ -12,6 +12,7 @@ from kdad.methods.kdad.model import build_model
 
 SIZE = 32
 TOL = 1e-5
+WEIGHT_TOL = 1e-4
 
 
 def _pair(seed=0):
@@ -51,7 +52,11 @@ def test_static_step_matches_plain(cached):
     losses = _run(reference, fast, lambda m, o: FastTrainStep(m, o, static=True), cached)
     for plain, quick in losses:
         assert abs(plain - quick) <= TOL * max(1.0, abs(plain)), losses
-    assert compare_states(cloner_state(reference), cloner_state(fast)) <= TOL
+    # Gradients agree to ~1e-6 relative (float rounding: the static program orders some sums
+    # differently); Adam's first steps move a weight by ~lr * sign(gradient), so a near-zero gradient
+    # component rounded across zero shows as up to ~1e-5 in a weight (lr 1e-3, 3 steps: a missing
+    # update would be ~1e-3)
+    assert compare_states(cloner_state(reference), cloner_state(fast)) <= WEIGHT_TOL
     # the weights did move, and BN running statistics were updated by the static program too
     reference_bn = {k: v for k, v in cloner_state(reference).items() if k.endswith("_mean")}
     assert any(np.abs(v).max() > 0 for v in reference_bn.values())

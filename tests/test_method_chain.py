@@ -1,6 +1,8 @@
-"""The whole chain for the training-free methods (PaDiM, PatchCore) on a tiny generated class:
-fit -> calibrate -> evaluate -> predict -> export -> Paddle Inference and onnxruntime, each checked
-against an independent computation or the dynamic model."""
+"""The whole chain for the methods other than KDAD (PaDiM, PatchCore fitted; STFPM, RD4AD trained
+a few epochs) on a tiny generated class: fit or train -> calibrate -> evaluate -> predict -> export ->
+Paddle Inference and onnxruntime, each checked against an independent computation or the dynamic
+model. For the trained methods also: stopped and resumed = uninterrupted, cached teacher features =
+uncached."""
 
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from kdad.data import AnomalyDataset, list_mvtec, split_holdout
 from kdad.data.synthetic import generate_synthetic_class
 from kdad.utils.checkpoint import load_checkpoint, load_model
 
-METHODS = ("padim", "patchcore")
+METHODS = ("padim", "patchcore", "stfpm", "rd4ad")
+TRAINED = ("stfpm", "rd4ad")
 SIZE = 64
+#: a short schedule for the trained methods (the papers' optimisers and learning rates)
+SHORT = {"num_epochs": 3, "batch_size": 4, "save_every": 1}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +48,7 @@ def fitted(request, data_root, tmp_path_factory):
     from kdad.engine.trainer import train
 
     out = str(tmp_path_factory.mktemp(f"chain_{request.param}"))
-    config = _config(request.param, data_root, out)
+    config = _config(request.param, data_root, out, **(SHORT if request.param in TRAINED else {}))
     path = train(config)
     return {"method": request.param, "config": config, "path": path, "out": out}
 
@@ -83,8 +88,10 @@ def test_evaluation_metrics_and_val_log(fitted):
     assert result["log_path"].endswith(os.path.join("logs", fitted["method"], "tex_val.log"))
     text = open(result["log_path"], encoding="utf-8").read()
     assert f"method: {fitted['method']}" in text and "backbone: efficientnet_lite0" in text
-    # the generated defects are obvious: a working method separates them
-    assert metrics["image_auroc"] >= 0.9
+    # the generated defects are obvious: a working method separates them (3 epochs of a trained
+    # method's student on 12 images are not a working model yet: only the metric's computation counts)
+    if fitted["method"] not in TRAINED:
+        assert metrics["image_auroc"] >= 0.9
 
 
 def test_wrong_method_or_backbone_is_a_clear_error(fitted):
@@ -145,3 +152,43 @@ def test_predict_and_infer_give_the_same_decisions(fitted, data_root):
         assert other["score"] == pytest.approx(row["score"], rel=1e-4)
         assert other["decision"] == row["decision"]
         assert os.path.isfile(row["result_image"])
+
+
+# ----------------------------------------------------------------------------- trained methods
+
+
+def _final_state(path: str):
+    state = load_checkpoint(path)
+    return {key: np.asarray(value) for key, value in state["model"].items()}, state
+
+
+@pytest.mark.parametrize("method", TRAINED)
+def test_stopped_and_resumed_equals_uninterrupted(method, data_root, tmp_path):
+    from kdad.engine.trainer import train
+
+    whole = train(_config(method, data_root, str(tmp_path / "whole"), **SHORT))
+    part = _config(method, data_root, str(tmp_path / "part"), **{**SHORT, "num_epochs": 2})
+    train(part)
+    resumed = train(_config(method, data_root, str(tmp_path / "part"), **SHORT, continue_train=True))
+    want, want_state = _final_state(whole)
+    got, got_state = _final_state(resumed)
+    assert set(got) == set(want)
+    for key in want:  # weights, BatchNorm statistics: the same arithmetic in the same order
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert got_state["loss"] == want_state["loss"]
+    assert got_state["calibration"]["threshold"] == want_state["calibration"]["threshold"]
+
+
+@pytest.mark.parametrize("method", TRAINED)
+def test_cached_teacher_features_equal_uncached(method, data_root, tmp_path):
+    from kdad.engine.trainer import train
+
+    short = {**SHORT, "num_epochs": 2}
+    cached = train(_config(method, data_root, str(tmp_path / "cached"), **short))
+    uncached = train(_config(method, data_root, str(tmp_path / "uncached"), **short,
+                             cache_expert_features=False))
+    want, _ = _final_state(uncached)
+    got, _ = _final_state(cached)
+    for key in want:  # the teacher runs in batches of eval_batch_size instead of batch_size: rounding only
+        scale = max(1.0, float(np.abs(want[key]).max()))
+        assert np.abs(got[key] - want[key]).max() <= 1e-4 * scale, key

@@ -17,33 +17,23 @@ from typing import Any, Dict
 import numpy as np
 import paddle
 import pytest
+from tiny_runs import CLASS, tiny_config  # tests/tiny_runs.py
 
 from kdad.config import ConfigError, load_config, parse_overrides
 from kdad.data import ImageReadError, generate_synthetic_class
-from kdad.engine import trainer
 from kdad.engine.evaluator import run_test
 from kdad.engine.predictor import predict
 from kdad.engine.trainer import TrainingDiverged, train
 from kdad.export import export_model
+from kdad.methods.kdad import train as kdad_train
 from kdad.utils.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-CLASS = "tex"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
 
-def _values(data: Path, out: Path, **overrides: Any) -> Dict[str, Any]:
-    values: Dict[str, Any] = {
-        "dataset_root": str(data), "normal_class": CLASS, "pretrain": False, "mvtec_img_size": 32,
-        "batch_size": 4, "num_epochs": 2, "save_every": 1, "progress_bar": False, "eval_batch_size": 32,
-        "save_dir": str(out / "out"), "log_dir": str(out / "logs"), "cpu_threads": 1,
-    }
-    values.update(overrides)
-    return values
-
-
 def _config(data: Path, out: Path, **overrides: Any):
-    return load_config(None, _values(data, out, **overrides))
+    return tiny_config(data, out, **overrides)
 
 
 def _log(config, name: str = CLASS) -> str:
@@ -88,7 +78,7 @@ def test_non_finite_float_values_are_rejected(item: str) -> None:
 def test_first_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data: Path, tmp_path: Path,
                                                                           monkeypatch) -> None:
     config = _config(data, tmp_path, num_epochs=4)
-    real = trainer.training_loss
+    real = kdad_train.training_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -96,7 +86,7 @@ def test_first_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(data
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] == 5 else value  # epoch 1, second batch
 
-    monkeypatch.setattr(trainer, "training_loss", loss)
+    monkeypatch.setattr(kdad_train, "training_loss", loss)
     with pytest.raises(TrainingDiverged) as info:
         train(config)
     message = str(info.value)

@@ -26,7 +26,7 @@ from kdad.backbones import build_backbone
 from kdad.config import default_config
 from kdad.deploy.config import engine_support, read_program_info
 from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
-from kdad.layers import image_max
+from kdad.layers import bilinear_matrix, image_max, nearest_indices
 from kdad.methods.padim import METHOD, PadimModel, build_model, fit_padim
 from kdad.methods.padim.fit import (
     COVARIANCE_EPS,
@@ -36,7 +36,7 @@ from kdad.methods.padim.fit import (
     install_statistics,
     iter_embeddings,
 )
-from kdad.methods.padim.model import bilinear_matrix, default_feature_dim, nearest_indices
+from kdad.methods.padim.model import default_feature_dim
 from kdad.metrics import image_auroc
 from kdad.registry import get_method
 

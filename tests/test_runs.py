@@ -23,17 +23,17 @@ from typing import Any, Dict
 
 import paddle
 import pytest
+from tiny_runs import CLASS, tiny_config  # tests/tiny_runs.py
 
-from kdad.config import ConfigError, load_config
+from kdad.config import ConfigError
 from kdad.data import generate_synthetic_class
-from kdad.engine import trainer
 from kdad.engine.evaluator import evaluate_average, evaluate_checkpoint
 from kdad.engine.trainer import TrainingInterrupted, train
+from kdad.methods.kdad import train as kdad_train
 from kdad.utils import checkpoint as ckpt
 from kdad.utils.checkpoint import LOCK_NAME, RunFolderError, RunLock, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-CLASS = "tex"
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
 
@@ -47,18 +47,8 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def _values(data: Path, out: Path, **overrides: Any) -> Dict[str, Any]:
-    values: Dict[str, Any] = {
-        "dataset_root": str(data), "normal_class": CLASS, "pretrain": False, "mvtec_img_size": 32,
-        "batch_size": 4, "num_epochs": 2, "save_every": 1, "progress_bar": False, "eval_batch_size": 32,
-        "save_dir": str(out / "out"), "log_dir": str(out / "logs"), "cpu_threads": 1,
-    }
-    values.update(overrides)
-    return values
-
-
 def _config(data: Path, out: Path, **overrides: Any):
-    return load_config(None, _values(data, out, **overrides))
+    return tiny_config(data, out, **overrides)
 
 
 def _folder(config) -> Path:
@@ -285,7 +275,7 @@ def test_evaluating_another_class_warns(data: Path, tmp_path: Path, capsys) -> N
 
 
 def _interrupt_at(monkeypatch, call: int) -> None:
-    real = trainer.training_loss
+    real = kdad_train.training_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):
@@ -294,7 +284,7 @@ def _interrupt_at(monkeypatch, call: int) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "training_loss", loss)
+    monkeypatch.setattr(kdad_train, "training_loss", loss)
 
 
 def test_ctrl_c_before_the_first_checkpoint_keeps_nothing(data: Path, tmp_path: Path, monkeypatch) -> None:

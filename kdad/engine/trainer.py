@@ -1,6 +1,13 @@
-"""Training loop: cached expert features, atomic resumable checkpoints, data parallel, calibration.
+"""Training loop: cached teacher features, atomic resumable checkpoints, data parallel, calibration.
 
-Every run (KDAD's epochs or another method's one-pass fit) owns its class folder for its whole
+A trained method (KDAD, STFPM, RD4AD) gives a :class:`kdad.methods.base.TrainingSpec` (student,
+frozen teacher features, loss, optimiser) and runs in one epoch loop: seeded shuffles that depend on
+the epoch only (stopped and resumed = uninterrupted), the teacher's features cached when no random
+augmentation applies, a checkpoint every ``save_every`` epochs, the final epoch's model (never one
+chosen on the test set), calibration on held-out normal images. Training-free methods (PaDiM,
+PatchCore) fit in one pass (:func:`fit_method`).
+
+Every run (a method's epochs or one-pass fit) owns its class folder for its whole
 duration (:class:`_RunFolder`): a lock against concurrent runs, no start over another run's files
 unless ``overwrite`` (or ``continue_train`` of that run), stale temporary files of killed writers
 removed. A non-finite loss stops training with a clear error and no final model; Ctrl-C ends in
@@ -27,15 +34,14 @@ from kdad.engine.common import (
     dataset,
     log_path,
     predict_maps,
-    score_images,
     seed_everything,
     set_cpu_threads,
     split_record,
     split_train,
 )
+from kdad.methods.base import TrainingSpec
 from kdad.methods.kdad.localization import localization_maps
-from kdad.methods.kdad.loss import training_loss
-from kdad.methods.kdad.model import KDADModel, build_model, check_taps_match
+from kdad.methods.kdad.model import KDADModel, check_taps_match
 from kdad.postprocess import normal_map_statistics, threshold_from_normal_scores
 from kdad.utils.checkpoint import (
     FINAL_NAME,
@@ -62,14 +68,22 @@ def _world() -> tuple:
     return dist.get_rank(), world_size
 
 
-def cache_expert_features(model: KDADModel, images: np.ndarray, batch_size: int) -> Dict[int, np.ndarray]:
-    """The expert's loss-tap activations for every training image, computed once."""
-    chunks: Dict[int, List[np.ndarray]] = {tap: [] for tap in model.loss_taps}
+def cache_teacher_features(training: TrainingSpec, model: Any, images: np.ndarray,
+                           batch_size: int) -> Dict[Any, np.ndarray]:
+    """The frozen teacher's (KDAD: the expert's) training features of every image, computed once."""
+    chunks: Dict[Any, List[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
-        feats = model.expert_loss_features(paddle.to_tensor(images[start:start + batch_size]))
-        for tap, value in feats.items():
-            chunks[tap].append(value.numpy())
-    return {tap: np.concatenate(parts) for tap, parts in chunks.items()}
+        feats = training.teacher_features(model, paddle.to_tensor(images[start:start + batch_size]))
+        for key, value in feats.items():
+            chunks.setdefault(key, []).append(value.numpy())
+    return {key: np.concatenate(parts) for key, parts in chunks.items()}
+
+
+def cache_expert_features(model: KDADModel, images: np.ndarray, batch_size: int) -> Dict[int, np.ndarray]:
+    """KDAD's expert loss-tap activations for every training image (:func:`cache_teacher_features`)."""
+    from kdad.methods.kdad.train import TRAINING
+
+    return cache_teacher_features(TRAINING, model, images, batch_size)
 
 
 # Calibration: below ``min_calibration_images`` held-out images no threshold is stored; below
@@ -147,13 +161,13 @@ def calibrate(model: KDADModel, holdout_images: np.ndarray, config: Mapping[str,
     n_normal = len(holdout_images) if n_normal is None else n_normal
     if len(holdout_images) == 0:
         return _calibration(np.zeros(0), np.zeros(0), n_normal, config)
-    scores = score_images(model, holdout_images, int(config["eval_batch_size"]))
-    raw_maps = []
+    scores, raw_maps = [], []
     for start in range(0, len(holdout_images), int(config["eval_batch_size"])):
         batch = paddle.to_tensor(holdout_images[start:start + int(config["eval_batch_size"])])
-        _, _, raw = localization_maps(model, batch, "gradients", float(config["blur_sigma"]))
+        batch_scores, _, raw = localization_maps(model, batch, "gradients", float(config["blur_sigma"]))
+        scores.append(batch_scores)  # the score pass that gives the gradients: one pass per image
         raw_maps.append(raw)
-    return _calibration(scores, np.concatenate(raw_maps), n_normal, config)
+    return _calibration(np.concatenate(scores), np.concatenate(raw_maps), n_normal, config)
 
 
 def calibrate_maps(model: Any, holdout_images: np.ndarray, config: Mapping[str, Any],
@@ -262,16 +276,28 @@ def _in_run(config: Mapping[str, Any], body: Callable[[Optional[_RunFolder]], An
             run.close(ok)
 
 
-# Keys a resumed run must share with its checkpoint (the networks, the data split and the
-# optimisation); num_epochs, save_every, logging and evaluation keys may change.
-RESUME_KEYS = ("method", "expert", "pretrain", "equal_network_size", "use_bias", "lamda",
-               "direction_loss_only", "mvtec_img_size", "learning_rate", "batch_size", "seed",
-               "holdout_fraction", "test_fraction", "dataset_name", "normal_class", "good_dir", "defect_dir")
+# Keys every resumed run must share with its checkpoint (the network, the data split and the
+# optimisation); a method's TrainingSpec.resume_keys adds its own (KDAD: the expert and the cloner).
+# num_epochs, save_every, logging and evaluation keys may change.
+RESUME_KEYS = ("method", "mvtec_img_size", "learning_rate", "batch_size", "seed", "holdout_fraction",
+               "test_fraction", "dataset_name", "normal_class", "good_dir", "defect_dir")
+#: what the methods other than KDAD add: their backbone (teacher) and its taps
+BACKBONE_RESUME_KEYS = ("backbone", "backbone_pretrained", "backbone_weights", "layers")
+
+
+def resume_keys(config: Mapping[str, Any]) -> Tuple[str, ...]:
+    """:data:`RESUME_KEYS` and the method's own."""
+    from kdad.registry import get_method
+
+    training = get_method(config["method"]).training
+    own = training.resume_keys if training is not None else ()
+    backbone = () if config["method"] == "kdad" else BACKBONE_RESUME_KEYS
+    return RESUME_KEYS + tuple(key for key in (*own, *backbone) if key not in RESUME_KEYS)
 
 
 def resume_config(config: Mapping[str, Any], state: Mapping[str, Any], path: str
                   ) -> Tuple[Dict[str, Any], List[str]]:
-    """The configuration of a resumed run: a key of :data:`RESUME_KEYS` set explicitly to another value
+    """The configuration of a resumed run: a key of :func:`resume_keys` set explicitly to another value
     than checkpoint ``path`` holds is an error naming every such key; one left at its default takes
     the checkpoint's value (returned as a warning)."""
     trained = state["config"]
@@ -279,7 +305,7 @@ def resume_config(config: Mapping[str, Any], state: Mapping[str, Any], path: str
     conflicts, adopted = [], []
     folder_keys = ("test_fraction", "good_dir", "defect_dir")  # they matter for the folder dataset only
     folder = "folder" in (config["dataset_name"], trained.get("dataset_name"))
-    for key in RESUME_KEYS:
+    for key in resume_keys(config):
         if key not in trained or config[key] == trained[key]:
             continue
         if key in folder_keys and not folder:
@@ -294,7 +320,8 @@ def resume_config(config: Mapping[str, Any], state: Mapping[str, Any], path: str
             "the checkpoint's values (drop these settings) or start a new run (-o overwrite=True or another "
             "--save_dir)")
     notes = []
-    if config.get("pretrain") and trained.get("expert_weights") not in (None, config["expert_weights"]):
+    if (config["method"] == "kdad" and config.get("pretrain")
+            and trained.get("expert_weights") not in (None, config["expert_weights"])):
         notes.append(f"WARNING: continue_train: the expert weights are read from "
                      f"'{config['expert_weights']}', the checkpoint was trained with "
                      f"'{trained['expert_weights']}': they must be the same weights")
@@ -386,19 +413,22 @@ def _fit(config: Dict[str, Any], run: Optional[_RunFolder], return_model: bool):
 
 
 def train(config: Dict[str, Any], return_model: bool = False):
-    """Train (KDAD) or fit (training-free methods) the model of ``config``; returns the final
-    checkpoint path (rank 0) or None.
+    """Train (KDAD, STFPM, RD4AD: epochs of the method's :class:`TrainingSpec`) or fit (PaDiM,
+    PatchCore) the model of ``config``; returns the final checkpoint path (rank 0) or None.
 
     With ``return_model`` returns ``(path_or_None, model)`` (every rank; used by tests).
     Parameter names (which key the optimizer state) are generated afresh, so resuming works in a
     process that has built other layers before. Raises :class:`kdad.utils.checkpoint.RunFolderError`
     when the class folder holds another run or another run is writing to it,
     :class:`TrainingDiverged` at the first non-finite loss and :class:`TrainingInterrupted` on Ctrl-C."""
-    if config["method"] != "kdad":
+    from kdad.registry import get_method
+
+    spec = get_method(config["method"])
+    if spec.training is None:
         return fit_method(config, return_model)
     with paddle.utils.unique_name.guard():
         rank, world_size = _world()
-        return _in_run(config, lambda run: _train(config, run, rank, world_size, return_model), rank,
+        return _in_run(config, lambda run: _train(config, spec, run, rank, world_size, return_model), rank,
                        world_size)
 
 
@@ -416,7 +446,27 @@ def _finite_weights(layer: paddle.nn.Layer) -> bool:
     return all(bool(paddle.isfinite(p).all()) for p in layer.parameters())
 
 
-def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_size: int, return_model: bool):
+def _student_state(config: Mapping[str, Any], model: Any, student: paddle.nn.Layer) -> Dict[str, Any]:
+    """What a checkpoint keeps of a trained model: KDAD its cloner (``cloner``, the format of every
+    KDAD checkpoint); other methods everything but a pretrained backbone (``model``)."""
+    if config["method"] == "kdad":
+        return {"cloner": student.state_dict()}
+    return {"backbone": config["backbone"],
+            "model": model.checkpoint_state(include_backbone=not config["backbone_pretrained"])}
+
+
+def _restore_student(config: Mapping[str, Any], model: Any, student: paddle.nn.Layer,
+                     state: Mapping[str, Any], path: str) -> None:
+    if config["method"] == "kdad":
+        student.set_state_dict(state["cloner"])
+    else:
+        model.load_fitted_state(state["model"], path)
+
+
+def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: int, world_size: int,
+           return_model: bool):
+    training: TrainingSpec = spec.training
+    method = config["method"]
     out_dir = class_dir(config)
     latest = os.path.join(out_dir, LATEST_NAME)
     notes = list(run.notes) if run else []
@@ -430,7 +480,7 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
     seed_everything(int(config["seed"]))
     threads = set_cpu_threads(int(config["cpu_threads"]), world_size)
     name = class_name(config)
-    log = get_logger(f"train.{name}.{rank}", log_path(config, "train") if rank == 0 else "",
+    log = get_logger(f"train.{method}.{name}.{rank}", log_path(config, "train") if rank == 0 else "",
                      console=rank == 0)
     for note in notes:
         log.info(note)
@@ -443,9 +493,11 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
                              f"on ({'; '.join(problems)}); resume on the same images or start a new run")
     n_normal = len(train_images) + len(holdout_images)
 
-    model = build_model(config)
-    check_taps_match(model.expert, model.cloner, int(config["mvtec_img_size"]))
-    if not config["pretrain"]:
+    model = spec.build_model(config)
+    if method == "kdad":
+        check_taps_match(model.expert, model.cloner, int(config["mvtec_img_size"]))
+    student = training.student(model)
+    if method == "kdad" and not config["pretrain"]:
         expert_path = os.path.join(out_dir, RANDOM_EXPERT_NAME)
         if config["continue_train"]:
             if not os.path.isfile(expert_path):
@@ -455,13 +507,12 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
         elif rank == 0:
             atomic_save(model.expert.state_dict(), expert_path)
             run.created.append(expert_path)
-    optimizer = paddle.optimizer.Adam(learning_rate=float(config["learning_rate"]),
-                                      parameters=model.cloner.parameters())
+    optimizer = training.optimizer(config, student.parameters())
 
     start_epoch = 0
     run_info = _new_run_info()
     if resumed_state is not None:
-        model.cloner.set_state_dict(resumed_state["cloner"])
+        _restore_student(config, model, student, resumed_state, latest)
         optimizer.set_state_dict(resumed_state["optimizer"])
         start_epoch = int(resumed_state["epoch"]) + 1
         run_info = resumed_state.get("run")  # None: a run older than run ids goes on without one
@@ -472,12 +523,15 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
     else:
         log.info(f"run {run_info['id']} started in {out_dir}")
 
-    cloner = paddle.DataParallel(model.cloner) if world_size > 1 else model.cloner
+    trained = paddle.DataParallel(student) if world_size > 1 else student
     cached = None
-    if config["cache_expert_features"]:
+    if config["cache_expert_features"]:  # no random augmentation: the frozen teacher's output is fixed
         t0 = time.time()
-        cached = cache_expert_features(model, train_images, int(config["eval_batch_size"]))
-        log.info(f"cached expert features of {len(train_images)} images in {time.time() - t0:.1f}s")
+        model.eval()
+        cached = cache_teacher_features(training, model, train_images, int(config["eval_batch_size"]))
+        size = sum(value.nbytes for value in cached.values()) / 2 ** 20
+        log.info(f"cached teacher features of {len(train_images)} images ({size:.0f} MB) in "
+                 f"{time.time() - t0:.1f}s")
 
     class _Indices(paddle.io.Dataset):
         def __len__(self) -> int:
@@ -488,9 +542,11 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
 
     sampler = paddle.io.DistributedBatchSampler(_Indices(), batch_size=int(config["batch_size"]),
                                                 shuffle=True, drop_last=False)
-    log.info(f"class {name}: {len(train_images)} training images, {len(holdout_images)} held out "
-             f"(seed {config['seed']}); expert {config['expert']} (pretrain={config['pretrain']}); world "
-             f"size {world_size}, {threads} CPU threads per process")
+    teacher = (f"expert {config['expert']} (pretrain={config['pretrain']})" if method == "kdad" else
+               f"backbone {config['backbone']} (pretrained={config['backbone_pretrained']})")
+    log.info(f"method {method}, class {name}: {len(train_images)} training images, {len(holdout_images)} "
+             f"held out (seed {config['seed']}); {teacher}; {config['mvtec_img_size']} px; world size "
+             f"{world_size}, {threads} CPU threads per process")
     _log_calibration_plan(log, len(holdout_images), n_normal, config)
     log.info("config:\n" + dump_config(config))
     num_epochs = int(config["num_epochs"])
@@ -522,10 +578,10 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
             index = np.asarray(batch_indices)
             x = paddle.to_tensor(train_images[index])
             if cached is not None:
-                expert_feats = {tap: paddle.to_tensor(value[index]) for tap, value in cached.items()}
+                teacher_feats = {key: paddle.to_tensor(value[index]) for key, value in cached.items()}
             else:
-                expert_feats = model.expert_loss_features(x)
-            loss = training_loss(cloner(x), expert_feats, model.loss_taps, model.lamda, model.direction_only)
+                teacher_feats = training.teacher_features(model, x)
+            loss = training.loss(model, trained, x, teacher_feats)
             value = float(loss)
             if not _all_finite(value, world_size):  # before the step: the weights stay the last good ones
                 raise diverged(f"the loss is {value} in batch {batch_number}", epoch)
@@ -535,14 +591,16 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
             losses.append(value)
         epoch_loss = float(np.mean(losses))
         periodic = int(config["save_every"]) > 0 and epoch % int(config["save_every"]) == 0
-        if (periodic or epoch == num_epochs - 1) and not _finite_weights(model.cloner):
+        if (periodic or epoch == num_epochs - 1) and not _finite_weights(student):
             raise diverged("the weights are no longer finite after its last step", epoch)
         if rank == 0:
-            log.info(f"epoch {epoch} loss {epoch_loss:.6f} time {time.time() - t0:.2f}s")
+            seconds = time.time() - t0
+            log.info(f"epoch {epoch} loss {epoch_loss:.6f} time {seconds:.2f}s "
+                     f"({len(train_images) / max(seconds, 1e-9):.1f} img/s)")
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{epoch_loss:.4f}")
             if periodic or epoch == num_epochs - 1:
-                state = {"method": "kdad", "cloner": model.cloner.state_dict(),
+                state = {"method": method, **_student_state(config, model, student),
                          "optimizer": optimizer.state_dict(), "epoch": epoch, "loss": epoch_loss,
                          "config": dict(config), "run": run_info, "split": record}
                 if periodic and config["keep_checkpoints"]:
@@ -555,12 +613,14 @@ def _train(config: Dict[str, Any], run: Optional[_RunFolder], rank: int, world_s
         return (None, model) if return_model else None
     model.eval()
     try:
-        calibration = calibrate(model, holdout_images, config, n_normal)
+        calibration = (calibrate(model, holdout_images, config, n_normal) if method == "kdad" else
+                       calibrate_maps(model, holdout_images, config, n_normal))
     except TrainingDiverged as error:
         raise diverged(str(error), num_epochs - 1) from None
     _log_calibration(log, calibration)
     final = os.path.join(out_dir, FINAL_NAME)
-    atomic_save({"method": "kdad", "cloner": model.cloner.state_dict(), "epoch": num_epochs - 1,
-                 "config": dict(config), "calibration": calibration, "run": run_info, "split": record}, final)
+    atomic_save({"method": method, **_student_state(config, model, student), "epoch": num_epochs - 1,
+                 "loss": epoch_loss if start_epoch < num_epochs else None, "config": dict(config),
+                 "calibration": calibration, "run": run_info, "split": record}, final)
     log.info(f"saved {final}")
     return (final, model) if return_model else final

@@ -77,6 +77,27 @@ def new_buffer(layer: nn.Layer, name: str, shape: Sequence[int], dtype: str = "f
 
 
 @dataclass(frozen=True)
+class TrainingSpec:
+    """How the shared epoch trainer (:mod:`kdad.engine.trainer`) trains a method's student.
+
+    ``student(model)``: the layer whose parameters are optimised (its state, with the rest of the
+    model's non-backbone state, is what checkpoints keep). ``teacher_features(model, x)``: the frozen
+    teacher's outputs that the loss needs, ``{name: [N, ...]}``, computed without gradients; with no
+    random augmentation the trainer computes them once per image and caches them.
+    ``loss(model, student, x, teacher_features)``: the scalar training loss of a batch; ``student``
+    is ``student(model)`` or its data-parallel wrapper, so the loss calls ``student(...)`` for the
+    forward. ``optimizer(config, parameters)``: the method's optimiser (the paper's recipe).
+    ``resume_keys``: further config keys a resumed run must share with its checkpoint.
+    """
+
+    student: Callable[[AnomalyModel], nn.Layer]
+    teacher_features: Callable[[AnomalyModel, paddle.Tensor], Dict[str, paddle.Tensor]]
+    loss: Callable[[AnomalyModel, nn.Layer, paddle.Tensor, Dict[str, paddle.Tensor]], paddle.Tensor]
+    optimizer: Callable[[Mapping[str, Any], Sequence[paddle.Tensor]], paddle.optimizer.Optimizer]
+    resume_keys: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """One registered method.
 
@@ -84,11 +105,13 @@ class MethodSpec:
     backbone loaded). ``fit(model, images, config, log)`` fits a training-free method on normal
     images ``[N, 3, S, S]`` in [0, 1] and returns a dict of facts for the log and checkpoint;
     ``log`` is a callable taking one message (the engine passes its logger's ``info``).
+    A trained method gives ``training`` (:class:`TrainingSpec`) instead of ``fit``.
     """
 
     name: str
     summary: str
     build_model: Callable[[Mapping[str, Any]], AnomalyModel]
     fit: Optional[Callable[..., Dict[str, Any]]] = None
+    training: Optional[TrainingSpec] = None
     #: in-graph blur already applied to the exported maps (the runtime must not blur again)
     maps_blurred_in_graph: bool = True

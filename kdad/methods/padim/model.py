@@ -26,34 +26,12 @@ import numpy as np
 import paddle
 
 from kdad.backbones.base import Backbone
-from kdad.layers import GaussianBlur2D, image_max
+from kdad.layers import GaussianBlur2D, bilinear_matrix, image_max, nearest_indices
 from kdad.methods.base import AnomalyModel, new_buffer
 
 DEFAULT_LAYERS: Tuple[str, ...] = ("layer1", "layer2", "layer3")
 #: (distance map [N, h, w], upsampled map [N, S, S], blurred map [N, S, S])
 Maps = Tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]
-
-
-def nearest_indices(size_in: int, size_out: int) -> List[int]:
-    """Source index of every output index of ``F.interpolate(mode="nearest")`` (torch's legacy
-    nearest, Paddle's with align_corners False): ``floor(dst * in / out)`` in float32, clipped."""
-    scale = np.float32(size_in) / np.float32(size_out)
-    src = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(src, size_in - 1).tolist()
-
-
-def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """``[size_out, size_in]`` float32 matrix ``R`` with ``R @ v`` = 1-D linear interpolation of ``v``
-    as ``F.interpolate(mode="bilinear", align_corners=False)`` (half-pixel centres, clamped edges)."""
-    matrix = np.zeros((size_out, size_in), dtype=np.float64)
-    src = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
-    low = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
-    high = np.minimum(low + 1, size_in - 1)
-    frac = src - low
-    rows = np.arange(size_out)
-    np.add.at(matrix, (rows, low), 1.0 - frac)
-    np.add.at(matrix, (rows, high), frac)
-    return matrix.astype(np.float32)
 
 
 class PadimModel(AnomalyModel):
