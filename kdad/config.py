@@ -87,6 +87,9 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "coreset_probes": (int, 16, "PatchCore fast coreset: neighbouring cells a new centre is compared with"),
     "patchcore_bank_chunk": (int, 2048, "PatchCore: bank rows per distance chunk of the exported model "
                                         "(bounds its scratch memory per batch)"),
+    "anomaly_source_path": (str, "", "DRAEM: folder of texture images blended into training images as "
+                                     "simulated anomalies (empty: textures the project generates)"),
+    "fiber_batch": (int, 256, "CFlow-AD: feature vectors (fibers) per flow step (paper N=256)"),
     "feature_engine": (str, "paddle_inference", "PatchCore fitting features: paddle_inference (a "
                                                 "temporary static model, oneDNN) | dygraph"),
 }
@@ -99,6 +102,8 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     # the papers' recipes (STFPM: SGD, RD4AD: Adam betas (0.5, 0.999); see each method's train.py)
     "stfpm": {"mvtec_img_size": 256, "num_epochs": 100, "batch_size": 32, "learning_rate": 0.4},
     "rd4ad": {"mvtec_img_size": 256, "num_epochs": 200, "batch_size": 16, "learning_rate": 0.005},
+    "draem": {"mvtec_img_size": 256, "num_epochs": 700, "batch_size": 8, "learning_rate": 1e-4},
+    "cflow": {"mvtec_img_size": 256, "learning_rate": 2e-4},
 }
 
 LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp", "feature_map")
@@ -216,6 +221,7 @@ def validate(config: Mapping[str, Any]) -> None:
     checks = [
         (config["num_epochs"] >= 1, "num_epochs must be >= 1"),
         (config["batch_size"] >= 1, "batch_size must be >= 1"),
+        (config["fiber_batch"] >= 1, "fiber_batch must be >= 1"),
         (config["learning_rate"] > 0, "learning_rate must be > 0"),
         (config["mvtec_img_size"] >= 32 and config["mvtec_img_size"] % 32 == 0,
          "mvtec_img_size must be a multiple of 32 (the networks pool 5 times)"),

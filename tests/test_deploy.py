@@ -390,11 +390,14 @@ def test_onnx_parity_via_scripts(trained, exported, exported_autograd, reference
 
 def test_onnx_heatmap_parity(exported, reference, tmp_path) -> None:
     """The explicit-backward heatmap converts to ONNX; onnxruntime gives the dynamic maps."""
-    from kdad.deploy.onnx_runtime import OnnxRunner, convert_to_onnx
+    from kdad.deploy.config import load_deploy_config
+    from kdad.deploy.onnx_runtime import OnnxRunner, convert_to_onnx, onnx_optimization
     from kdad.postprocess import blur
 
     onnx_file = convert_to_onnx(exported["heatmap"], str(tmp_path / "heatmap_onnx"))
-    scores, raw = OnnxRunner(onnx_file, 2).run(reference["x"])
+    deploy = load_deploy_config(exported["heatmap"])
+    assert onnx_optimization(deploy) == "extended"  # see kdad/export.py: ORT's layout passes flip ReLU masks
+    scores, raw = OnnxRunner(onnx_file, 2, onnx_optimization(deploy)).run(reference["x"])
     np.testing.assert_allclose(scores, reference["scores"], rtol=REL)
     _close(blur(raw, reference["config"]["blur_sigma"]), reference["maps"])
 

@@ -124,10 +124,14 @@ def test_export_paddle_inference_and_onnx_equal_the_dynamic_model(fitted, data_r
     model, _, _ = load_model(fitted["path"])
     with paddle.no_grad():
         want_scores, want_maps = (t.numpy() for t in model(paddle.to_tensor(images)))
-    runner, _ = load_paddle_model(folder, None, None, PredictorOptions(enable_mkldnn=False, cpu_threads=2))
-    got_scores, got_maps = runner.run(images)
-    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-4, atol=1e-5 * np.abs(want_scores).max())
-    assert np.abs(got_maps - want_maps).max() <= 1e-4 * np.abs(want_maps).max()
+    # every method's graph resamples without interpolation ops, so Paddle Inference runs it with oneDNN too
+    assert deploy["engine"]["onednn"] is True, deploy["engine"]
+    for mkldnn in (False, True):
+        options = PredictorOptions(enable_mkldnn=mkldnn, cpu_threads=2)
+        runner, _ = load_paddle_model(folder, None, None, options)
+        got_scores, got_maps = runner.run(images)
+        np.testing.assert_allclose(got_scores, want_scores, rtol=1e-4, atol=1e-5 * np.abs(want_scores).max())
+        assert np.abs(got_maps - want_maps).max() <= 1e-4 * np.abs(want_maps).max(), mkldnn
 
     onnx_file = convert_to_onnx(folder, os.path.join(fitted["out"], "onnx"))
     onnx_scores, onnx_maps = OnnxRunner(onnx_file).run(images)

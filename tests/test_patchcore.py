@@ -77,7 +77,7 @@ def golden():
         patch = paddle.to_tensor(out["patch_scores"]).unsqueeze(1)
         raw = paddle.nn.functional.interpolate(patch, size=[256, 256], mode="nearest").squeeze(1)
         out["anomaly_map_raw"] = raw.numpy()
-        out["anomaly_map"] = model.anomaly_maps(paddle.to_tensor(out["patch_scores"]), 256).numpy()
+        out["anomaly_map"] = model.anomaly_maps(paddle.to_tensor(out["patch_scores"])).numpy()
     return {"ref": ref, "sha": digest.hexdigest(), "feats": feats, "embedding": embedding.numpy(),
             "bank": bank, "out": out}
 

@@ -99,13 +99,32 @@ def _paddle2onnx_version() -> str:
         return "paddle2onnx"
 
 
-class OnnxRunner:
-    """onnxruntime session on CPU: ``run(batch [N,3,S,S]) -> [outputs...]``."""
+ONNX_OPTIMIZATION_LEVELS = ("basic", "extended", "all")
 
-    def __init__(self, onnx_file: str, threads: int = 2) -> None:
+
+def onnx_optimization(deploy: Dict[str, Any]) -> str:
+    """The onnxruntime optimisation level an exported model's ``deploy.yaml`` asks for (default ``all``)."""
+    return str((deploy.get("engine") or {}).get("onnx_optimization", "all"))
+
+
+class OnnxRunner:
+    """onnxruntime session on CPU: ``run(batch [N,3,S,S]) -> [outputs...]``.
+
+    ``optimization``: onnxruntime's graph optimisation level (``all``, its default; an exported
+    ``deploy.yaml`` may ask for less under ``engine.onnx_optimization``, as KDAD's gradient heatmap
+    does: its ReLU masks must see the dynamic model's activations)."""
+
+    def __init__(self, onnx_file: str, threads: int = 2, optimization: str = "all") -> None:
         import onnxruntime as ort
 
+        if optimization not in ONNX_OPTIMIZATION_LEVELS:
+            raise InferenceError(f"onnx optimization level must be one of {ONNX_OPTIMIZATION_LEVELS}, "
+                                 f"got {optimization!r}")
         options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
         options.intra_op_num_threads = cpu_thread_count(threads)  # 0: all cores
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # no "unused initializer" warnings
@@ -132,7 +151,7 @@ def load_onnx_model(model_dir: Optional[str] = None, onnx_file: Optional[str] = 
         raise FileNotFoundError(f"ONNX model '{onnx_file}' does not exist; "
                                 "create it with deploy/onnx/convert.py")
     deploy = load_deploy_config(os.path.dirname(os.path.abspath(onnx_file)))
-    runner = OnnxRunner(onnx_file, threads)
+    runner = OnnxRunner(onnx_file, threads, onnx_optimization(deploy))
     expected = [int(v) for v in deploy["input"]["shape"]]
     got = list(runner.input.shape)
     if len(got) != 4 or got[1:] != expected[1:]:

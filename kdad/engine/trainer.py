@@ -525,7 +525,9 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
 
     trained = paddle.DataParallel(student) if world_size > 1 else student
     cached = None
-    if config["cache_expert_features"]:  # no random augmentation: the frozen teacher's output is fixed
+    if training.prepare is not None:
+        training.prepare(model, config)
+    if config["cache_expert_features"] and training.cacheable:  # the frozen teacher's output is fixed
         t0 = time.time()
         model.eval()
         cached = cache_teacher_features(training, model, train_images, int(config["eval_batch_size"]))
@@ -581,7 +583,8 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
                 teacher_feats = {key: paddle.to_tensor(value[index]) for key, value in cached.items()}
             else:
                 teacher_feats = training.teacher_features(model, x)
-            loss = training.loss(model, trained, x, teacher_feats)
+            rng = np.random.default_rng([int(config["seed"]), epoch, batch_number, rank])
+            loss = training.loss(model, trained, x, teacher_feats, rng)
             value = float(loss)
             if not _all_finite(value, world_size):  # before the step: the weights stay the last good ones
                 raise diverged(f"the loss is {value} in batch {batch_number}", epoch)
@@ -589,6 +592,8 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
             optimizer.step()
             optimizer.clear_grad()
             losses.append(value)
+        if isinstance(optimizer._learning_rate, paddle.optimizer.lr.LRScheduler):
+            optimizer._learning_rate.step()  # epoch-based schedules; resumed with the optimiser
         epoch_loss = float(np.mean(losses))
         periodic = int(config["save_every"]) > 0 and epoch % int(config["save_every"]) == 0
         if (periodic or epoch == num_epochs - 1) and not _finite_weights(student):

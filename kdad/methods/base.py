@@ -82,19 +82,27 @@ class TrainingSpec:
 
     ``student(model)``: the layer whose parameters are optimised (its state, with the rest of the
     model's non-backbone state, is what checkpoints keep). ``teacher_features(model, x)``: the frozen
-    teacher's outputs that the loss needs, ``{name: [N, ...]}``, computed without gradients; with no
-    random augmentation the trainer computes them once per image and caches them.
-    ``loss(model, student, x, teacher_features)``: the scalar training loss of a batch; ``student``
-    is ``student(model)`` or its data-parallel wrapper, so the loss calls ``student(...)`` for the
-    forward. ``optimizer(config, parameters)``: the method's optimiser (the paper's recipe).
-    ``resume_keys``: further config keys a resumed run must share with its checkpoint.
+    teacher's outputs that the loss needs, ``{name: [N, ...]}``, computed without gradients (``{}``
+    for a method without a teacher); unless ``cacheable`` is False the trainer computes them once per
+    image and caches them. ``loss(model, student, x, teacher_features, rng)``: the scalar training
+    loss of a batch; ``student`` is ``student(model)`` or its data-parallel wrapper, so the loss calls
+    ``student(...)`` for the forward; ``rng`` is a ``numpy.random.Generator`` seeded by (seed, epoch,
+    batch), the only randomness a loss may use (anomaly simulation, fiber sampling), so a resumed run
+    draws what the uninterrupted one drew. ``optimizer(config, parameters)``: the method's optimiser
+    (the paper's recipe); when its learning rate is a ``paddle.optimizer.lr.LRScheduler`` the trainer
+    steps it once per epoch (its state is checkpointed with the optimiser's). ``prepare(model,
+    config)``: once before the first epoch (e.g. loading anomaly sources). ``resume_keys``: further
+    config keys a resumed run must share with its checkpoint.
     """
 
     student: Callable[[AnomalyModel], nn.Layer]
     teacher_features: Callable[[AnomalyModel, paddle.Tensor], Dict[str, paddle.Tensor]]
-    loss: Callable[[AnomalyModel, nn.Layer, paddle.Tensor, Dict[str, paddle.Tensor]], paddle.Tensor]
+    loss: Callable[..., paddle.Tensor]
     optimizer: Callable[[Mapping[str, Any], Sequence[paddle.Tensor]], paddle.optimizer.Optimizer]
     resume_keys: Tuple[str, ...] = ()
+    #: False when the teacher's input is randomly augmented per batch (its features cannot be cached)
+    cacheable: bool = True
+    prepare: Optional[Callable[[AnomalyModel, Mapping[str, Any]], None]] = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from kdad.methods.kdad.model import KDADModel
 
 
 def kdad_loss(model: KDADModel, student: nn.Layer, x: paddle.Tensor,
-              teacher_features: Dict[Any, paddle.Tensor]) -> paddle.Tensor:
+              teacher_features: Dict[Any, paddle.Tensor], rng: Any = None) -> paddle.Tensor:
+    """KDAD's loss of a batch (no randomness: ``rng`` unused)."""
+    del rng
     return training_loss(student(x), teacher_features, model.loss_taps, model.lamda, model.direction_only)
 
 

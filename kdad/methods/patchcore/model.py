@@ -13,6 +13,10 @@ Image in, ``(scores [N], maps [N, S, S])`` out, with the memory bank inside as a
   nearest neighbour ``m*`` of the worst patch ``x*``, ``m*`` first);
 * map: patch scores nearest-upsampled to the input size, then Gaussian blur (reflect padding).
 
+Both resamplings are fixed index selections / interpolation matrices (:mod:`kdad.layers`) with the
+values of ``F.interpolate``, so the exported graph has no interpolation op and Paddle Inference runs it
+with oneDNN; the model is built for one input size (``image_size``).
+
 Bounded memory: the patch-to-bank distances are computed in chunks of bank rows, keeping a running
 minimum, so the scratch memory is about ``2 x rows x chunk x 4`` bytes whatever the bank size (rows =
 batch x patches; without chunks 8 images x 1024 patches x 80k bank rows would be 2.6 GB per
@@ -34,7 +38,7 @@ import paddle
 import paddle.nn.functional as F
 
 from kdad.backbones.base import Backbone
-from kdad.layers import GaussianBlur2D, resize_maps
+from kdad.layers import GaussianBlur2D, MatrixResize, nearest_indices
 from kdad.methods.base import AnomalyModel, new_buffer
 
 #: elements of one [rows, bank chunk] temporary in the dynamic graph (16M floats = 64 MB)
@@ -113,6 +117,16 @@ class PatchcoreModel(AnomalyModel):
         self.feature_stride = int(backbone.stride(self.layers[0]))
         self.blur = GaussianBlur2D(blur_sigma, "reflect")
         new_buffer(self, "memory_bank", [1, self.feature_dim])  # placeholder until fitted / loaded
+        # the resamplings as fixed matrices / indices (no interpolation op: the exported graph runs under
+        # oneDNN, whose interpolation kernels fail in Paddle Inference 3.3.1)
+        with paddle.no_grad():
+            probe = self.backbone(paddle.zeros([1, 3, self.image_size, self.image_size], dtype="float32"))
+        sizes = {layer: (int(probe[layer].shape[2]), int(probe[layer].shape[3])) for layer in self.layers}
+        self.grid: Tuple[int, int] = sizes[self.layers[0]]
+        self._to_grid = [None if sizes[layer] == self.grid else MatrixResize(sizes[layer], self.grid)
+                         for layer in self.layers[1:]]
+        self._up_rows = nearest_indices(self.grid[0], self.image_size)
+        self._up_cols = nearest_indices(self.grid[1], self.image_size)
 
     # --- the memory bank -----------------------------------------------------------------------
     @property
@@ -142,16 +156,16 @@ class PatchcoreModel(AnomalyModel):
         """The backbone ``layers`` of ``x [N, 3, S, S]`` (in [0, 1]), each 3x3 average pooled (stride 1,
         padding 1, padding counted: always / 9, torch's ``count_include_pad``)."""
         feats = self.backbone(x)
-        return [F.avg_pool2d(feats[layer], kernel_size=3, stride=1, padding=1, exclusive=False)
+        # zero padding made explicit, then an unpadded pool: the values of padding=1 with exclusive=False,
+        # which Paddle Inference 3.3.1 with oneDNN got wrong (exported scores off by 3.7% of their maximum)
+        return [F.avg_pool2d(F.pad(feats[layer], [1, 1, 1, 1]), kernel_size=3, stride=1, padding=0)
                 for layer in self.layers]
 
-    @staticmethod
-    def combine(pooled: Sequence[paddle.Tensor]) -> paddle.Tensor:
+    def combine(self, pooled: Sequence[paddle.Tensor]) -> paddle.Tensor:
         """Pooled layers -> ``[N, D, h, w]``: the deeper ones bilinearly (align_corners False) resized to
         the first one's grid, concatenated along channels."""
-        size = [int(pooled[0].shape[2]), int(pooled[0].shape[3])]
-        parts = [pooled[0]] + [F.interpolate(p, size=size, mode="bilinear", align_corners=False)
-                               for p in pooled[1:]]
+        parts = [pooled[0]] + [part if resize is None else resize(part)
+                               for part, resize in zip(pooled[1:], self._to_grid)]
         return paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0]
 
     def embed(self, x: paddle.Tensor) -> paddle.Tensor:
@@ -197,14 +211,22 @@ class PatchcoreModel(AnomalyModel):
                    reweight=reweight, scores=reweight * score_star)
         return out
 
-    def anomaly_maps(self, patch_scores: paddle.Tensor, size: int) -> paddle.Tensor:
-        """``patch_scores [N, h, w]`` -> nearest upsampling to ``size``, blur: ``[N, size, size]``."""
-        return self.blur(resize_maps(patch_scores, int(size), mode="nearest"))
+    def anomaly_maps(self, patch_scores: paddle.Tensor) -> paddle.Tensor:
+        """``patch_scores [N, h, w]`` -> nearest upsampling to the input size (``F.interpolate``'s
+        nearest, as fixed indices), blur: ``[N, S, S]``."""
+        rows = paddle.to_tensor(self._up_rows, dtype="int64")
+        cols = paddle.to_tensor(self._up_cols, dtype="int64")
+        upsampled = paddle.index_select(paddle.index_select(patch_scores, rows, axis=1), cols, axis=2)
+        return self.blur(upsampled)
 
     def forward(self, x: paddle.Tensor) -> Tuple[paddle.Tensor, paddle.Tensor]:
         """Images ``[N, 3, S, S]`` in [0, 1] -> ``(scores [N], anomaly maps [N, S, S])``."""
+        size = x.shape[-1]
+        if isinstance(size, int) and size > 0 and size != self.image_size:
+            raise ValueError(f"this PatchCore model was fitted at {self.image_size} px; got input of "
+                             f"{size} px")
         out = self.score_embedding(self.embed(x))
-        return out["scores"], self.anomaly_maps(out["patch_scores"], int(x.shape[-1]))
+        return out["scores"], self.anomaly_maps(out["patch_scores"])
 
 
 def build_model(config: Mapping[str, object]) -> PatchcoreModel:

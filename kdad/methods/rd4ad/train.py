@@ -34,8 +34,9 @@ def teacher_features(model: AnomalyModel, x: paddle.Tensor) -> Dict[str, paddle.
 
 
 def loss(model: AnomalyModel, student_layer: nn.Layer, x: paddle.Tensor,
-         features: Dict[str, paddle.Tensor]) -> paddle.Tensor:
-    """:func:`rd4ad_loss` of the encoder taps and ``student_layer(features)`` (``x`` is not needed)."""
+         features: Dict[str, paddle.Tensor], rng: Any = None) -> paddle.Tensor:
+    """:func:`rd4ad_loss` of the encoder taps and ``student_layer(features)`` (``x`` and ``rng`` unused)."""
+    del rng
     del x
     teacher = [features[tap] for tap in model.layers]
     return rd4ad_loss(teacher, student_layer(teacher))

@@ -38,9 +38,10 @@ def teacher_features(model: AnomalyModel, x: paddle.Tensor) -> Dict[str, paddle.
 
 
 def training_loss(model: AnomalyModel, student: nn.Layer, x: paddle.Tensor,
-                  teacher: Mapping[str, paddle.Tensor]) -> paddle.Tensor:
+                  teacher: Mapping[str, paddle.Tensor], rng: Any = None) -> paddle.Tensor:
     """The STFPM loss of a batch: ``teacher`` features against ``student(x)`` (``student`` may be a
-    data-parallel wrapper of ``model.student``)."""
+    data-parallel wrapper of ``model.student``; ``rng`` unused: no randomness)."""
+    del rng
     feats = student(x)
     return stfpm_loss([teacher[tap] for tap in model.layers], [feats[tap] for tap in model.layers])
 
