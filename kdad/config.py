@@ -70,7 +70,7 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "progress_bar": (bool, True, "show a tqdm progress bar"),
     "average_from_epoch": (int, 0, "checkpoint averaging: first epoch counted (after convergence)"),
     # --- the method and its backbone (methods other than KDAD; KDAD uses 'expert') ---
-    "method": (str, "kdad", "kdad | padim | patchcore | stfpm | rd4ad (kdad.registry)"),
+    "method": (str, "kdad", "kdad | padim | patchcore | stfpm | rd4ad | cflow (kdad.registry)"),
     "backbone": (str, "efficientnet_lite0", "backbone (teacher) of the methods other than KDAD: "
                                             "efficientnet_lite0/1/2 (offline), resnet18, wide_resnet50_2 "
                                             "(weights file needed)"),
@@ -103,12 +103,14 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "stfpm": {"mvtec_img_size": 256, "num_epochs": 100, "batch_size": 32, "learning_rate": 0.4},
     "rd4ad": {"mvtec_img_size": 256, "num_epochs": 200, "batch_size": 16, "learning_rate": 0.005},
     "draem": {"mvtec_img_size": 256, "num_epochs": 700, "batch_size": 8, "learning_rate": 1e-4},
-    "cflow": {"mvtec_img_size": 256, "learning_rate": 2e-4},
+    # CFlow-AD: 25 meta epochs x 8 sub-epochs (kdad/methods/cflow/train.py)
+    "cflow": {"mvtec_img_size": 256, "num_epochs": 200, "batch_size": 32, "learning_rate": 2e-4},
 }
 
 LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp", "feature_map")
 DATASET_NAMES = ("mvtec", "folder")
-METHOD_NAMES = ("kdad", "padim", "patchcore", "stfpm", "rd4ad")  # kdad.registry.METHODS (tested to agree)
+# kdad.registry.METHODS (tested to agree)
+METHOD_NAMES = ("kdad", "padim", "patchcore", "stfpm", "rd4ad", "cflow")
 
 
 class ConfigError(ValueError):

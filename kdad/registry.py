@@ -15,6 +15,7 @@ METHODS: Dict[str, str] = {
     "patchcore": "kdad.methods.patchcore",
     "stfpm": "kdad.methods.stfpm",
     "rd4ad": "kdad.methods.rd4ad",
+    "cflow": "kdad.methods.cflow",
 }
 
 

@@ -3,7 +3,7 @@
 #
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD/train_infer_python.txt MODE
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD_EfficientNetLite0/train_infer_python.txt MODE
-#   bash test_tipc/prepare.sh test_tipc/configs/PaDiM/train_infer_python.txt MODE    (also PatchCore, STFPM, RD4AD)
+#   bash test_tipc/prepare.sh test_tipc/configs/PaDiM/train_infer_python.txt MODE    (also PatchCore, STFPM, RD4AD, CFlow)
 #
 # The params files hold one plain value per line (the standard TIPC layout), so the mode-specific
 # parts live at fixed paths that this script points at the mode's data, in test_tipc/data/<model_name>/:
@@ -95,8 +95,15 @@ case "${model_name}" in
         EXPORT_KINDS=anomaly_map
         RUN_SUBDIR=rd4ad/
         ;;
+    CFlow)  # CFlow-AD, pretrained EfficientNet-Lite0 encoder
+        NEEDS_VGG16=0
+        LITE_CONFIG=test_tipc/configs/CFlow/cflow_lite.yaml
+        WHOLE_CONFIG=configs/cflow.yaml
+        EXPORT_KINDS=anomaly_map
+        RUN_SUBDIR=cflow/
+        ;;
     *)
-        echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM, PatchCore, STFPM and RD4AD, \
+        echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM, PatchCore, STFPM, RD4AD and CFlow, \
 '${FILENAME}' names '${model_name}'" >&2
         exit 2
         ;;

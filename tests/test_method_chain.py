@@ -19,11 +19,11 @@ from kdad.data import AnomalyDataset, list_mvtec, split_holdout
 from kdad.data.synthetic import generate_synthetic_class
 from kdad.utils.checkpoint import load_checkpoint, load_model
 
-METHODS = ("padim", "patchcore", "stfpm", "rd4ad")
-TRAINED = ("stfpm", "rd4ad")
+METHODS = ("padim", "patchcore", "stfpm", "rd4ad", "cflow")
+TRAINED = ("stfpm", "rd4ad", "cflow")
 SIZE = 64
 #: a short schedule for the trained methods (the papers' optimisers and learning rates)
-SHORT = {"num_epochs": 3, "batch_size": 4, "save_every": 1}
+SHORT = {"num_epochs": 3, "batch_size": 4, "save_every": 1, "fiber_batch": 64}
 
 
 @pytest.fixture(scope="module")

@@ -584,6 +584,12 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
             else:
                 teacher_feats = training.teacher_features(model, x)
             rng = np.random.default_rng([int(config["seed"]), epoch, batch_number, rank])
+            if training.step is not None:  # the method's own optimiser steps (several per batch)
+                value = float(training.step(model, trained, x, teacher_feats, rng, optimizer))
+                if not _all_finite(value, world_size):
+                    raise diverged(f"the loss is {value} in batch {batch_number}", epoch)
+                losses.append(value)
+                continue
             loss = training.loss(model, trained, x, teacher_feats, rng)
             value = float(loss)
             if not _all_finite(value, world_size):  # before the step: the weights stay the last good ones
@@ -617,6 +623,8 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
     if rank != 0:
         return (None, model) if return_model else None
     model.eval()
+    if training.finalize is not None:
+        training.finalize(model, train_images, config)
     try:
         calibration = (calibrate(model, holdout_images, config, n_normal) if method == "kdad" else
                        calibrate_maps(model, holdout_images, config, n_normal))

@@ -92,17 +92,28 @@ class TrainingSpec:
     (the paper's recipe); when its learning rate is a ``paddle.optimizer.lr.LRScheduler`` the trainer
     steps it once per epoch (its state is checkpointed with the optimiser's). ``prepare(model,
     config)``: once before the first epoch (e.g. loading anomaly sources). ``resume_keys``: further
-    config keys a resumed run must share with its checkpoint.
+    config keys a resumed run must share with its checkpoint. ``step`` and ``finalize``: see below.
     """
 
     student: Callable[[AnomalyModel], nn.Layer]
     teacher_features: Callable[[AnomalyModel, paddle.Tensor], Dict[str, paddle.Tensor]]
-    loss: Callable[..., paddle.Tensor]
     optimizer: Callable[[Mapping[str, Any], Sequence[paddle.Tensor]], paddle.optimizer.Optimizer]
+    loss: Optional[Callable[..., paddle.Tensor]] = None
+    #: instead of ``loss``, for a method that takes several optimiser steps per image batch (CFlow-AD's
+    #: fiber batches): ``step(model, student, x, teacher_features, rng, optimizer) -> float`` optimises
+    #: on the batch and returns the loss value to log (the trainer stops when it is not finite)
+    step: Optional[Callable[..., float]] = None
     resume_keys: Tuple[str, ...] = ()
     #: False when the teacher's input is randomly augmented per batch (its features cannot be cached)
     cacheable: bool = True
     prepare: Optional[Callable[[AnomalyModel, Mapping[str, Any]], None]] = None
+    #: after the last epoch, before calibration and the final checkpoint: ``finalize(model, train_images,
+    #: config)`` (CFlow-AD's reference maxima from the training images)
+    finalize: Optional[Callable[[AnomalyModel, Any, Mapping[str, Any]], None]] = None
+
+    def __post_init__(self) -> None:
+        if (self.loss is None) == (self.step is None):
+            raise ValueError("a TrainingSpec gives exactly one of loss and step")
 
 
 @dataclass(frozen=True)
