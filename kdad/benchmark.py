@@ -24,7 +24,8 @@ from kdad.config import load_config, parse_overrides
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = {"kdad": "configs/efficientnet_lite0.yaml", "padim": "configs/padim.yaml",
                    "patchcore": "configs/patchcore.yaml", "stfpm": "configs/stfpm.yaml",
-                   "rd4ad": "configs/rd4ad.yaml", "cflow": "configs/cflow.yaml"}
+                   "rd4ad": "configs/rd4ad.yaml", "cflow": "configs/cflow.yaml",
+                   "draem": "configs/draem.yaml"}
 # the exported graph timed per method: the one that gives the evaluated maps (KDAD: gradient heatmap)
 TIMED_KIND = {"kdad": "heatmap"}
 COLUMNS = (("method", "method"), ("backbone", "backbone"), ("image_size", "size"),

@@ -70,7 +70,7 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
     "progress_bar": (bool, True, "show a tqdm progress bar"),
     "average_from_epoch": (int, 0, "checkpoint averaging: first epoch counted (after convergence)"),
     # --- the method and its backbone (methods other than KDAD; KDAD uses 'expert') ---
-    "method": (str, "kdad", "kdad | padim | patchcore | stfpm | rd4ad | cflow (kdad.registry)"),
+    "method": (str, "kdad", "kdad | padim | patchcore | stfpm | rd4ad | cflow | draem (kdad.registry)"),
     "backbone": (str, "efficientnet_lite0", "backbone (teacher) of the methods other than KDAD: "
                                             "efficientnet_lite0/1/2 (offline), resnet18, wide_resnet50_2 "
                                             "(weights file needed)"),
@@ -89,6 +89,8 @@ SCHEMA: Dict[str, Tuple[type, Any, str]] = {
                                         "(bounds its scratch memory per batch)"),
     "anomaly_source_path": (str, "", "DRAEM: folder of texture images blended into training images as "
                                      "simulated anomalies (empty: textures the project generates)"),
+    "draem_width": (int, 128, "DRAEM: base width of the reconstructive network (the discriminative one: "
+                              "half); paper 128; smaller only for quick checks"),
     "fiber_batch": (int, 256, "CFlow-AD: feature vectors (fibers) per flow step (paper N=256)"),
     "feature_engine": (str, "paddle_inference", "PatchCore fitting features: paddle_inference (a "
                                                 "temporary static model, oneDNN) | dygraph"),
@@ -102,7 +104,9 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     # the papers' recipes (STFPM: SGD, RD4AD: Adam betas (0.5, 0.999); see each method's train.py)
     "stfpm": {"mvtec_img_size": 256, "num_epochs": 100, "batch_size": 32, "learning_rate": 0.4},
     "rd4ad": {"mvtec_img_size": 256, "num_epochs": 200, "batch_size": 16, "learning_rate": 0.005},
-    "draem": {"mvtec_img_size": 256, "num_epochs": 700, "batch_size": 8, "learning_rate": 1e-4},
+    # DRAEM: a checkpoint with Adam's state is 1.2 GB: periodic ones are not kept by default
+    "draem": {"mvtec_img_size": 256, "num_epochs": 700, "batch_size": 8, "learning_rate": 1e-4,
+              "keep_checkpoints": False},
     # CFlow-AD: 25 meta epochs x 8 sub-epochs (kdad/methods/cflow/train.py)
     "cflow": {"mvtec_img_size": 256, "num_epochs": 200, "batch_size": 32, "learning_rate": 2e-4},
 }
@@ -110,7 +114,7 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
 LOCALIZATION_METHODS = ("gradients", "smooth_grad", "gbp", "feature_map")
 DATASET_NAMES = ("mvtec", "folder")
 # kdad.registry.METHODS (tested to agree)
-METHOD_NAMES = ("kdad", "padim", "patchcore", "stfpm", "rd4ad", "cflow")
+METHOD_NAMES = ("kdad", "padim", "patchcore", "stfpm", "rd4ad", "cflow", "draem")
 
 
 class ConfigError(ValueError):

@@ -59,7 +59,8 @@ OUTPUTS = {  # (meaning, is a map) per output, in fetch order
     "score": [(_SCORE, False)],
     "heatmap": [(_SCORE, False), ("sum_c |d sum(scores) / d x| (blur outside the graph)", True)],
     "anomaly_map": [("per-image anomaly score of the method", False),
-                    ("per-pixel anomaly map of the method (blurred inside the graph)", True)],
+                    ("per-pixel anomaly map of the method (any blur is inside the graph: "
+                     "postprocess.blur_in_graph)", True)],
     "feature_map": [(_SCORE, False),
                     ("per-position feature distance (KDAD feature_maps; blur outside the graph)", True)],
 }
@@ -176,14 +177,27 @@ def held_out_map_statistics(kind: str, model: KDADModel, config: Mapping[str, An
             "computed at export")
 
 
+def _blur_in_graph(model: Any) -> Optional[float]:
+    """Sigma of the Gaussian blur inside a method's network (None: its map is not blurred)."""
+    from kdad.layers import GaussianBlur2D
+
+    sigmas = [layer.sigma for layer in model.sublayers()
+              if isinstance(layer, GaussianBlur2D) and layer.sigma > 0]
+    return float(sigmas[0]) if sigmas else None
+
+
 def _model_info(model: Any, config: Mapping[str, Any]) -> Dict[str, Any]:
     """What the exported network is: the method and its backbone, and the method's settings."""
     if config["method"] == "kdad":
         return {"method": "kdad", "backbone": config["expert"], "expert": config["expert"],
                 "pretrain": bool(config["pretrain"]), "score_taps": [int(t) for t in model.score_taps],
                 "lamda": float(model.lamda), "direction_only": bool(model.direction_only)}
-    info = {"method": config["method"], "backbone": config["backbone"],
-            "pretrain": bool(config["backbone_pretrained"]), "layers": list(model.backbone.taps)}
+    from kdad.engine.common import backbone_of
+
+    backbone = getattr(model, "backbone", None)  # DRAEM has none (its describe() says so)
+    info = {"method": config["method"], "backbone": backbone_of(config),
+            "pretrain": bool(config["backbone_pretrained"]) if backbone is not None else False,
+            "layers": list(backbone.taps) if backbone is not None else []}
     describe = getattr(model, "describe", None)
     if callable(describe):
         info.update(describe())
@@ -213,7 +227,7 @@ def _deploy_config(kind: str, model: Any, config: Mapping[str, Any], checkpoint:
         "model_info": _model_info(model, config),
         "postprocess": {
             "blur_sigma": float(config["blur_sigma"]) if kind in ("heatmap", "feature_map") else None,
-            "blur_in_graph": float(config["blur_sigma"]) if kind == "anomaly_map" else None,
+            "blur_in_graph": _blur_in_graph(model) if kind == "anomaly_map" else None,
             "threshold": None if threshold is None else float(threshold),
             "threshold_source": (f"calibration: {calibration.get('holdout_images')} held-out normal "
                                  f"images, false reject rate {calibration.get('false_reject_rate')}"

@@ -16,6 +16,7 @@ METHODS: Dict[str, str] = {
     "stfpm": "kdad.methods.stfpm",
     "rd4ad": "kdad.methods.rd4ad",
     "cflow": "kdad.methods.cflow",
+    "draem": "kdad.methods.draem",
 }
 
 

@@ -3,7 +3,7 @@
 #
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD/train_infer_python.txt MODE
 #   bash test_tipc/prepare.sh test_tipc/configs/KDAD_EfficientNetLite0/train_infer_python.txt MODE
-#   bash test_tipc/prepare.sh test_tipc/configs/PaDiM/train_infer_python.txt MODE    (also PatchCore, STFPM, RD4AD, CFlow)
+#   bash test_tipc/prepare.sh test_tipc/configs/PaDiM/train_infer_python.txt MODE    (also PatchCore, STFPM, RD4AD, CFlow, DRAEM)
 #
 # The params files hold one plain value per line (the standard TIPC layout), so the mode-specific
 # parts live at fixed paths that this script points at the mode's data, in test_tipc/data/<model_name>/:
@@ -102,8 +102,15 @@ case "${model_name}" in
         EXPORT_KINDS=anomaly_map
         RUN_SUBDIR=cflow/
         ;;
+    DRAEM)  # DRAEM (no backbone)
+        NEEDS_VGG16=0
+        LITE_CONFIG=test_tipc/configs/DRAEM/draem_lite.yaml
+        WHOLE_CONFIG=configs/draem.yaml
+        EXPORT_KINDS=anomaly_map
+        RUN_SUBDIR=draem/
+        ;;
     *)
-        echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM, PatchCore, STFPM, RD4AD and CFlow, \
+        echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM, PatchCore, STFPM, RD4AD, CFlow and DRAEM, \
 '${FILENAME}' names '${model_name}'" >&2
         exit 2
         ;;

@@ -105,7 +105,7 @@ def test_registry_and_config_agree():
         assert spec.name == name and callable(spec.build_model)
         # exactly one way to make a model: trained (epochs of a TrainingSpec) or fitted in one pass
         assert (spec.fit is None) != (spec.training is None)
-        assert (spec.training is not None) == (name in ("kdad", "stfpm", "rd4ad", "cflow"))
+        assert (spec.training is not None) == (name in ("kdad", "stfpm", "rd4ad", "cflow", "draem"))
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
 

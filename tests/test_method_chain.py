@@ -19,11 +19,13 @@ from kdad.data import AnomalyDataset, list_mvtec, split_holdout
 from kdad.data.synthetic import generate_synthetic_class
 from kdad.utils.checkpoint import load_checkpoint, load_model
 
-METHODS = ("padim", "patchcore", "stfpm", "rd4ad", "cflow")
-TRAINED = ("stfpm", "rd4ad", "cflow")
+METHODS = ("padim", "patchcore", "stfpm", "rd4ad", "cflow", "draem")
+TRAINED = ("stfpm", "rd4ad", "cflow", "draem")
+#: the Gaussian blur inside each method's exported graph (deploy.yaml postprocess.blur_in_graph)
+BLUR_IN_GRAPH = {"padim": 4.0, "patchcore": 4.0, "stfpm": None, "rd4ad": 4.0, "cflow": None, "draem": None}
 SIZE = 64
 #: a short schedule for the trained methods (the papers' optimisers and learning rates)
-SHORT = {"num_epochs": 3, "batch_size": 4, "save_every": 1, "fiber_batch": 64}
+SHORT = {"num_epochs": 3, "batch_size": 4, "save_every": 1, "fiber_batch": 64, "draem_width": 16}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,11 @@ def data_root(tmp_path_factory):
     generate_synthetic_class(str(root), "tex", kind="texture", n_train=16, n_test_good=4, n_test_defect=4,
                              size=SIZE, seed=3)
     return str(root)
+
+
+def _backbone(method: str) -> str:
+    """What runs of ``method`` name as their backbone here (DRAEM has none)."""
+    return "none" if method == "draem" else "efficientnet_lite0"
 
 
 def _config(method: str, root: str, out: str, **extra):
@@ -57,7 +64,7 @@ def test_checkpoint_names_method_and_backbone(fitted):
     method, path = fitted["method"], fitted["path"]
     assert path == os.path.join(fitted["out"], "runs", method, "tex", "model_final.pdparams")
     state = load_checkpoint(path)
-    assert state["method"] == method and state["backbone"] == "efficientnet_lite0"
+    assert state["method"] == method and state["backbone"] == _backbone(method)
     # pretrained backbone weights are reloaded from their source, not stored
     assert not any(key.startswith("backbone.") for key in state["model"])
     assert os.path.isfile(os.path.join(fitted["out"], "logs", method, "tex_train.log"))
@@ -87,7 +94,7 @@ def test_evaluation_metrics_and_val_log(fitted):
     assert {"pixel_auroc", "aupro", "image_f1_max"} <= set(metrics)
     assert result["log_path"].endswith(os.path.join("logs", fitted["method"], "tex_val.log"))
     text = open(result["log_path"], encoding="utf-8").read()
-    assert f"method: {fitted['method']}" in text and "backbone: efficientnet_lite0" in text
+    assert f"method: {fitted['method']}" in text and f"backbone: {_backbone(fitted['method'])}" in text
     # the generated defects are obvious: a working method separates them (3 epochs of a trained
     # method's student on 12 images are not a working model yet: only the metric's computation counts)
     if fitted["method"] not in TRAINED:
@@ -99,6 +106,9 @@ def test_wrong_method_or_backbone_is_a_clear_error(fitted):
     with pytest.raises(ValueError, match=f"holds a {fitted['method']} model"):
         load_model(fitted["path"], asked)
     other = load_config(None, {"method": fitted["method"], "backbone": "resnet18"})
+    if fitted["method"] == "draem":  # no backbone: the setting does not apply
+        load_model(fitted["path"], other)
+        return
     with pytest.raises(ValueError, match="with backbone efficientnet_lite0, but backbone=resnet18"):
         load_model(fitted["path"], other)
 
@@ -115,8 +125,9 @@ def test_export_paddle_inference_and_onnx_equal_the_dynamic_model(fitted, data_r
     with open(os.path.join(folder, "deploy.yaml"), encoding="utf-8") as handle:
         deploy = yaml.safe_load(handle)["Deploy"]
     assert deploy["model_info"]["method"] == fitted["method"]
-    assert deploy["model_info"]["backbone"] == "efficientnet_lite0"
-    assert deploy["postprocess"]["blur_sigma"] is None  # blurred inside the graph
+    assert deploy["model_info"]["backbone"] == _backbone(fitted["method"])
+    assert deploy["postprocess"]["blur_sigma"] is None  # nothing to blur outside the graph
+    assert deploy["postprocess"]["blur_in_graph"] == BLUR_IN_GRAPH[fitted["method"]]
     assert deploy["postprocess"]["threshold"] == pytest.approx(
         load_checkpoint(fitted["path"])["calibration"]["threshold"])
 

@@ -130,6 +130,16 @@ def dataset(samples: List[Sample], config: Mapping[str, Any]) -> AnomalyDataset:
     return AnomalyDataset(samples, int(config["mvtec_img_size"]))
 
 
+def backbone_of(config: Mapping[str, Any]) -> str:
+    """The backbone a run of ``config`` uses, as logs and checkpoints name it: KDAD's expert, "none" for
+    a method without one (DRAEM), else ``backbone``."""
+    if config["method"] == "kdad":
+        return str(config["expert"])
+    from kdad.registry import get_method
+
+    return str(config["backbone"]) if get_method(config["method"]).uses_backbone else "none"
+
+
 def class_name(config: Mapping[str, Any]) -> str:
     return config["normal_class"] or "folder"
 

@@ -14,6 +14,7 @@ import paddle
 from kdad.config import require_dataset
 from kdad.data import list_folder
 from kdad.engine.common import (
+    backbone_of,
     class_dir,
     class_name,
     dataset,
@@ -96,7 +97,7 @@ def write_val_log(config: Mapping[str, Any], result: Mapping[str, Any], model_de
         f"class: {name}",
         f"method: {config['method']}",
         f"model: {model_desc}",
-        f"backbone: {config['expert'] if kdad else config['backbone']}",
+        f"backbone: {backbone_of(config)}",
         f"pretrain: {config['pretrain'] if kdad else config['backbone_pretrained']}",
     ]
     if kdad:
@@ -117,7 +118,7 @@ def write_val_log(config: Mapping[str, Any], result: Mapping[str, Any], model_de
         handle.write("\n".join(lines) + "\n")
     summary = {key: value for key, value in result.items() if key not in ("scores", "labels", "files")}
     summary.update({"class": name, "method": config["method"], "model": model_desc,
-                    "backbone": config["expert"] if kdad else config["backbone"]})
+                    "backbone": backbone_of(config)})
     if kdad:
         summary["expert"] = config["expert"]
     with open(path[:-4] + ".json", "w", encoding="utf-8") as handle:

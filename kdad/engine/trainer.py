@@ -28,6 +28,7 @@ import paddle.distributed as dist
 
 from kdad.config import Config, dump_config
 from kdad.engine.common import (
+    backbone_of,
     class_dir,
     class_name,
     compare_split,
@@ -404,7 +405,7 @@ def _fit(config: Dict[str, Any], run: Optional[_RunFolder], return_model: bool):
     calibration = calibrate_maps(model, holdout_images, config, n_normal)
     _log_calibration(log, calibration)
     final = os.path.join(out_dir, FINAL_NAME)
-    atomic_save({"method": config["method"], "backbone": config["backbone"], "epoch": 0,
+    atomic_save({"method": config["method"], "backbone": backbone_of(config), "epoch": 0,
                  "model": model.checkpoint_state(include_backbone=not config["backbone_pretrained"]),
                  "config": dict(config), "calibration": calibration, "run": _new_run_info(), "split": record,
                  "fit": {**facts, "fit_seconds": round(fit_seconds, 2)}}, final)
@@ -451,7 +452,7 @@ def _student_state(config: Mapping[str, Any], model: Any, student: paddle.nn.Lay
     KDAD checkpoint); other methods everything but a pretrained backbone (``model``)."""
     if config["method"] == "kdad":
         return {"cloner": student.state_dict()}
-    return {"backbone": config["backbone"],
+    return {"backbone": backbone_of(config),
             "model": model.checkpoint_state(include_backbone=not config["backbone_pretrained"])}
 
 
@@ -544,8 +545,12 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
 
     sampler = paddle.io.DistributedBatchSampler(_Indices(), batch_size=int(config["batch_size"]),
                                                 shuffle=True, drop_last=False)
-    teacher = (f"expert {config['expert']} (pretrain={config['pretrain']})" if method == "kdad" else
-               f"backbone {config['backbone']} (pretrained={config['backbone_pretrained']})")
+    if method == "kdad":
+        teacher = f"expert {config['expert']} (pretrain={config['pretrain']})"
+    elif getattr(model, "backbone", None) is None:
+        teacher = "no backbone"
+    else:
+        teacher = f"backbone {config['backbone']} (pretrained={config['backbone_pretrained']})"
     log.info(f"method {method}, class {name}: {len(train_images)} training images, {len(holdout_images)} "
              f"held out (seed {config['seed']}); {teacher}; {config['mvtec_img_size']} px; world size "
              f"{world_size}, {threads} CPU threads per process")

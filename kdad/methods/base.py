@@ -134,3 +134,5 @@ class MethodSpec:
     training: Optional[TrainingSpec] = None
     #: in-graph blur already applied to the exported maps (the runtime must not blur again)
     maps_blurred_in_graph: bool = True
+    #: False for a method without an ImageNet backbone (DRAEM): its runs name the backbone "none"
+    uses_backbone: bool = True

@@ -308,6 +308,8 @@ def check_requested(path: str, state: Mapping[str, Any], requested: Mapping[str,
                          f"{requested['method']} was asked; use a {requested['method']} checkpoint or "
                          f"drop the method setting (the checkpoint says what it is)")
     key = "expert" if method == "kdad" else "backbone"
+    if backbone == "none":  # a method without a backbone (DRAEM): the setting does not apply
+        return
     if key in requested and str(requested[key]) != backbone:
         raise ValueError(f"'{path}' holds a {method} model with {key} {backbone}, but {key}="
                          f"{requested[key]} was asked; the networks cannot be exchanged after training")
@@ -315,7 +317,7 @@ def check_requested(path: str, state: Mapping[str, Any], requested: Mapping[str,
 
 NETWORK_KEYS = ("expert", "expert_weights", "pretrain", "equal_network_size", "use_bias", "lamda",
                 "direction_loss_only", "mvtec_img_size", "method", "backbone", "backbone_pretrained",
-                "layers", "feature_dim", "coreset_ratio", "num_neighbors")
+                "layers", "feature_dim", "coreset_ratio", "num_neighbors", "draem_width")
 
 
 def explicit_values(config: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
