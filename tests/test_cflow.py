@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -32,10 +30,11 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 import yaml
+from export_parity import assert_export_equals_dynamic  # tests/export_parity.py
+from golden_rule import BN_RENAME, l2_rel  # tests/golden_rule.py
+from golden_rule import max_rel as rel
 
 from kdad.config import SCHEMA, default_config
-from kdad.deploy.config import engine_support, read_program_info
-from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
 from kdad.methods.cflow import (
     GCONST,
     METHOD,
@@ -60,22 +59,10 @@ from kdad.metrics import image_auroc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "..", "shared", "golden", "cflow_reference_v1.npz")
-BN_RENAME = {"running_mean": "_mean", "running_var": "_variance"}
 LAYERS = ["layer2", "layer3", "layer4"]
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def rel(got: Any, expected: Any) -> float:
-    """Largest relative difference (element-wise)."""
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(got - expected) / np.abs(expected)))
-
-
-def l2_rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-
 
 def max_abs(got: Any, expected: Any) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(expected, np.float64))))
@@ -629,36 +616,4 @@ def test_export_paddle_inference_and_onnx_equal_dynamic(tiny: Dict[str, Any], tm
     model = CFlowModel(tiny["model"].backbone, image_size=64, coupling_blocks=2, permutation_seed=8)
     set_reference_maxima(model, x[:2])
     model.eval()
-    with paddle.no_grad():
-        want_scores, want_maps = (t.numpy() for t in model(paddle.to_tensor(x)))
-    spec = [paddle.static.InputSpec([None, 3, 64, 64], "float32", "x")]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
-    folder = tmp_path / "cflow"
-    prefix = str(folder / "model")
-    paddle.jit.save(static, prefix)
-    model_file = prefix + ".json" if os.path.isfile(prefix + ".json") else prefix + ".pdmodel"
-    info = read_program_info(model_file)
-    if info is not None:  # no interpolation ops: the graph may run under oneDNN
-        assert engine_support(info["ops"])["onednn"], info["ops"]
-
-    def check(outputs: List[np.ndarray], what: str, rows: slice = slice(None)) -> None:
-        scores, maps = (outputs[0], outputs[1]) if outputs[0].ndim == 1 else (outputs[1], outputs[0])
-        assert maps.shape == want_maps[rows].shape, what
-        assert np.max(np.abs(scores - want_scores[rows]) / np.abs(want_scores[rows])) <= 1e-4, what
-        assert np.max(np.abs(maps - want_maps[rows])) <= 1e-4 * np.max(np.abs(want_maps[rows])), what
-
-    for mkldnn in (False, True):
-        runner = create_paddle_predictor(model_file, prefix + ".pdiparams",
-                                         PredictorOptions(enable_mkldnn=mkldnn, cpu_threads=1))
-        check(runner.run(x), f"Paddle Inference, oneDNN {mkldnn}")
-        check(runner.run(x[1:2]), f"Paddle Inference, oneDNN {mkldnn}, one image", rows=slice(1, 2))
-    onnx_file = str(folder / "model.onnx")
-    command = [sys.executable, "-m", "paddle2onnx.command", "--model_dir", str(folder),
-               "--model_filename", os.path.basename(model_file), "--params_filename", "model.pdiparams",
-               "--save_file", onnx_file, "--opset_version", "13", "--optimize_tool", "None"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0 and os.path.isfile(onnx_file), (done.stdout + done.stderr)[-2000:]
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    check(session.run(None, {session.get_inputs()[0].name: x}), "onnxruntime")
+    assert_export_equals_dynamic(model, x, tmp_path / "cflow")

@@ -31,22 +31,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from typing import Any, Dict, Iterator, List
 
 import cv2
 import numpy as np
 import paddle
 import pytest
-from golden_rule import rule_weights  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+from export_parity import assert_export_equals_dynamic  # tests/export_parity.py
+from golden_rule import l2_rel, rule_weights  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+from golden_rule import max_rel as rel
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from kdad.batchnorm import UnbiasedBatchNorm2D
 from kdad.config import default_config
-from kdad.deploy.config import engine_support, read_program_info
-from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
 from kdad.methods.draem import (
     METHOD,
     TRAINING,
@@ -90,16 +88,6 @@ CROP = (slice(None), slice(None), slice(96, 160), slice(96, 160))
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(got - expected) / np.abs(expected)))
-
-
-def l2_rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-
 
 def max_abs(got: Any, expected: Any) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(expected, np.float64))))
@@ -634,37 +622,4 @@ def test_export_paddle_inference_and_onnx_equal_dynamic(small: Dict[str, Any], t
     with paddle.LazyGuard():
         model = DRAEMModel(32, base_widths=(16, 8))
     model.networks.set_state_dict(rule_state(model.networks, 3))
-    model.eval()
-    with paddle.no_grad():
-        want_scores, want_maps = (t.numpy() for t in model(paddle.to_tensor(x)))
-    spec = [paddle.static.InputSpec([None, 3, 32, 32], "float32", "x")]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
-    folder = tmp_path / "draem"
-    prefix = str(folder / "model")
-    paddle.jit.save(static, prefix)
-    model_file = prefix + ".json" if os.path.isfile(prefix + ".json") else prefix + ".pdmodel"
-    info = read_program_info(model_file)
-    if info is not None:  # no interpolation ops (the 2x upsampling is a matrix product): oneDNN may run it
-        assert engine_support(info["ops"])["onednn"], info["ops"]
-
-    def check(outputs: List[np.ndarray], what: str, rows: slice = slice(None)) -> None:
-        scores, maps = (outputs[0], outputs[1]) if outputs[0].ndim == 1 else (outputs[1], outputs[0])
-        assert maps.shape == want_maps[rows].shape, what
-        assert np.max(np.abs(scores - want_scores[rows]) / np.abs(want_scores[rows])) <= 1e-4, what
-        assert np.max(np.abs(maps - want_maps[rows])) <= 1e-4 * np.max(np.abs(want_maps[rows])), what
-
-    for mkldnn in (False, True):
-        runner = create_paddle_predictor(model_file, prefix + ".pdiparams",
-                                         PredictorOptions(enable_mkldnn=mkldnn, cpu_threads=1))
-        check(runner.run(x), f"Paddle Inference, oneDNN {mkldnn}")
-        check(runner.run(x[1:2]), f"Paddle Inference, oneDNN {mkldnn}, one image", rows=slice(1, 2))
-    onnx_file = str(folder / "model.onnx")
-    command = [sys.executable, "-m", "paddle2onnx.command", "--model_dir", str(folder),
-               "--model_filename", os.path.basename(model_file), "--params_filename", "model.pdiparams",
-               "--save_file", onnx_file, "--opset_version", "13", "--optimize_tool", "None"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0 and os.path.isfile(onnx_file), (done.stdout + done.stderr)[-2000:]
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    check(session.run(None, {session.get_inputs()[0].name: x}), "onnxruntime")
+    assert_export_equals_dynamic(model, x, tmp_path / "draem")  # the 2x upsampling: products, no interp op

@@ -19,7 +19,13 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
-from golden_rule import rule_weights  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+from golden_rule import (  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+    l2_rel,
+    max_abs_of_max,
+    max_rel,
+    paddle_key,
+    rule_weights,
+)
 from scipy.spatial.distance import mahalanobis
 
 from kdad.backbones import build_backbone
@@ -42,30 +48,9 @@ from kdad.registry import get_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "..", "shared", "golden", "padim_reference_v1.npz")
-BN_RENAME = {"running_mean": "_mean", "running_var": "_variance"}
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def paddle_key(torch_key: str) -> str:
-    head, name = torch_key.rsplit(".", 1)
-    return f"{head}.{BN_RENAME.get(name, name)}"
-
-
-def l2_rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-
-
-def max_rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(got - expected) / np.abs(expected)))
-
-
-def max_abs_of_max(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
-
 
 def small_config(**overrides: Any) -> Dict[str, Any]:
     config = default_config()

@@ -17,21 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator
 
 import numpy as np
 import paddle
 import pytest
-from golden_rule import rule_weights  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+from export_parity import assert_export_equals_dynamic  # tests/export_parity.py
+from golden_rule import (  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+    BN_RENAME,
+    l2_rel,
+    rule_weights,
+)
+from golden_rule import max_rel as rel
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from kdad.backbones import build_backbone
 from kdad.batchnorm import UnbiasedBatchNorm2D
 from kdad.config import default_config
-from kdad.deploy.config import engine_support, read_program_info
-from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
 from kdad.methods.rd4ad import (
     BLUR_SIGMA,
     METHOD,
@@ -49,22 +51,10 @@ from kdad.registry import get_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "..", "shared", "golden", "rd4ad_reference_v1.npz")
-BN_RENAME = {"running_mean": "_mean", "running_var": "_variance"}
 LAYERS = ["layer1", "layer2", "layer3"]
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def rel(got: Any, expected: Any) -> float:
-    """Largest relative difference (element-wise)."""
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(got - expected) / np.abs(expected)))
-
-
-def l2_rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-
 
 def max_abs(got: Any, expected: Any) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(expected, np.float64))))
@@ -346,36 +336,4 @@ def test_training_spec_steps_reduce_the_loss(tiny: Dict[str, Any]) -> None:
 def test_export_paddle_inference_and_onnx_equal_dynamic(tiny: Dict[str, Any], tmp_path: Any) -> None:
     model, x = tiny["model"], tiny["images"]
     model.eval()
-    with paddle.no_grad():
-        want_scores, want_maps = (t.numpy() for t in model(paddle.to_tensor(x)))
-    spec = [paddle.static.InputSpec([None, 3, 64, 64], "float32", "x")]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
-    folder = tmp_path / "rd4ad"
-    prefix = str(folder / "model")
-    paddle.jit.save(static, prefix)
-    model_file = prefix + ".json" if os.path.isfile(prefix + ".json") else prefix + ".pdmodel"
-    info = read_program_info(model_file)
-    if info is not None:  # no interpolation ops: the graph may run under oneDNN
-        assert engine_support(info["ops"])["onednn"], info["ops"]
-
-    def check(outputs: List[np.ndarray], what: str, rows: slice = slice(None)) -> None:
-        scores, maps = (outputs[0], outputs[1]) if outputs[0].ndim == 1 else (outputs[1], outputs[0])
-        assert maps.shape == want_maps[rows].shape, what
-        assert np.max(np.abs(scores - want_scores[rows]) / np.abs(want_scores[rows])) <= 1e-4, what
-        assert np.max(np.abs(maps - want_maps[rows])) <= 1e-4 * np.max(np.abs(want_maps[rows])), what
-
-    for mkldnn in (False, True):
-        runner = create_paddle_predictor(model_file, prefix + ".pdiparams",
-                                         PredictorOptions(enable_mkldnn=mkldnn, cpu_threads=1))
-        check(runner.run(x), f"Paddle Inference, oneDNN {mkldnn}")
-        check(runner.run(x[1:2]), f"Paddle Inference, oneDNN {mkldnn}, one image", rows=slice(1, 2))
-    onnx_file = str(folder / "model.onnx")
-    command = [sys.executable, "-m", "paddle2onnx.command", "--model_dir", str(folder),
-               "--model_filename", os.path.basename(model_file), "--params_filename", "model.pdiparams",
-               "--save_file", onnx_file, "--opset_version", "13", "--optimize_tool", "None"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0 and os.path.isfile(onnx_file), (done.stdout + done.stderr)[-2000:]
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    check(session.run(None, {session.get_inputs()[0].name: x}), "onnxruntime")
+    assert_export_equals_dynamic(model, x, tmp_path / "rd4ad")

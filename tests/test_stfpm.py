@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from typing import Any, Dict, Iterator, List, Tuple
 
 import cv2
@@ -25,14 +23,20 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 import pytest
-from golden_rule import rule_weights  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+from export_parity import assert_export_equals_dynamic  # tests/export_parity.py
+from golden_rule import (  # tests/golden_rule.py (pytest puts tests/ on sys.path)
+    l2_rel,
+    max_abs_of_max,
+    max_rel,
+    paddle_key,
+    rule_weights,
+)
+from golden_rule import max_rel as rel
 from scipy import ndimage
 
 from kdad.backbones import build_backbone
 from kdad.batchnorm import UnbiasedBatchNorm2D
 from kdad.config import default_config, load_config
-from kdad.deploy.config import engine_support, read_program_info
-from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
 from kdad.methods.stfpm import METHOD, TRAINING, STFPMModel, build_model, layer_distance, stfpm_loss
 from kdad.methods.stfpm.loss import NORMALIZE_EPS
 from kdad.methods.stfpm.model import DEFAULT_LAYERS
@@ -42,34 +46,9 @@ from kdad.registry import get_method
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "..", "shared", "golden", "stfpm_reference_v1.npz")
-BN_RENAME = {"running_mean": "_mean", "running_var": "_variance"}
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-def paddle_key(torch_key: str) -> str:
-    head, name = torch_key.rsplit(".", 1)
-    return f"{head}.{BN_RENAME.get(name, name)}"
-
-
-def l2_rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
-
-
-def max_rel(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(got - expected) / np.abs(expected)))
-
-
-def max_abs_of_max(got: Any, expected: Any) -> float:
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
-
-
-def rel(got: Any, expected: Any) -> float:
-    return abs(float(got) / float(expected) - 1.0)
-
 
 def small_config(**overrides: Any) -> Dict[str, Any]:
     config = default_config()
@@ -402,36 +381,4 @@ def test_export_paddle_inference_and_onnx_equal_dynamic(tiny: Dict[str, Any], tm
     model.load_fitted_state(tiny["model"].checkpoint_state(include_backbone=True))  # random teacher too
     model.eval()
     x = tiny["images"]
-    with paddle.no_grad():
-        want_scores, want_maps = (t.numpy() for t in model(paddle.to_tensor(x)))
-    spec = [paddle.static.InputSpec([None, 3, 64, 64], "float32", "x")]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
-    folder = tmp_path / "stfpm"
-    prefix = str(folder / "model")
-    paddle.jit.save(static, prefix)
-    model_file = prefix + ".json" if os.path.isfile(prefix + ".json") else prefix + ".pdmodel"
-    info = read_program_info(model_file)
-    if info is not None:  # no interpolation ops: the graph may run under oneDNN
-        assert engine_support(info["ops"])["onednn"], info["ops"]
-
-    def check(outputs: List[np.ndarray], label: str) -> None:
-        assert len(outputs) == 2, label
-        scores, maps = (outputs[0], outputs[1]) if outputs[0].ndim == 1 else (outputs[1], outputs[0])
-        assert maps.shape == (3, 64, 64), label
-        assert max_rel(scores, want_scores) <= 1e-4, label
-        assert max_abs_of_max(maps, want_maps) <= 1e-4, label
-
-    for mkldnn in (False, True):
-        runner = create_paddle_predictor(model_file, prefix + ".pdiparams",
-                                         PredictorOptions(enable_mkldnn=mkldnn, cpu_threads=1))
-        check(runner.run(x), f"paddle inference, oneDNN {mkldnn}")
-    onnx_file = str(folder / "model.onnx")
-    command = [sys.executable, "-m", "paddle2onnx.command", "--model_dir", str(folder),
-               "--model_filename", os.path.basename(model_file), "--params_filename", "model.pdiparams",
-               "--save_file", onnx_file, "--opset_version", "13", "--optimize_tool", "None"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0 and os.path.isfile(onnx_file), (done.stdout + done.stderr)[-2000:]
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
-    check(session.run(None, {session.get_inputs()[0].name: x}), "onnxruntime")
+    assert_export_equals_dynamic(model, x, tmp_path / "stfpm")
