@@ -67,47 +67,13 @@ case "${model_name}" in
         LITE_CONFIG=test_tipc/configs/KDAD_EfficientNetLite0/kdad_effnet_lite.yaml
         WHOLE_CONFIG=configs/efficientnet_lite0.yaml
         ;;
-    PaDiM)  # PaDiM, pretrained EfficientNet-Lite0 backbone
+    PaDiM|PatchCore|STFPM|RD4AD|CFlow|DRAEM)  # EfficientNet-Lite0 backbone (DRAEM: none); anomaly_map graph
+        method=$(echo "${model_name}" | tr '[:upper:]' '[:lower:]')
         NEEDS_VGG16=0
-        LITE_CONFIG=test_tipc/configs/PaDiM/padim_lite.yaml
-        WHOLE_CONFIG=configs/padim.yaml
+        LITE_CONFIG=test_tipc/configs/${model_name}/${method}_lite.yaml
+        WHOLE_CONFIG=configs/${method}.yaml
         EXPORT_KINDS=anomaly_map
-        RUN_SUBDIR=padim/
-        ;;
-    PatchCore)  # PatchCore, pretrained EfficientNet-Lite0 backbone
-        NEEDS_VGG16=0
-        LITE_CONFIG=test_tipc/configs/PatchCore/patchcore_lite.yaml
-        WHOLE_CONFIG=configs/patchcore.yaml
-        EXPORT_KINDS=anomaly_map
-        RUN_SUBDIR=patchcore/
-        ;;
-    STFPM)  # STFPM, pretrained EfficientNet-Lite0 teacher
-        NEEDS_VGG16=0
-        LITE_CONFIG=test_tipc/configs/STFPM/stfpm_lite.yaml
-        WHOLE_CONFIG=configs/stfpm.yaml
-        EXPORT_KINDS=anomaly_map
-        RUN_SUBDIR=stfpm/
-        ;;
-    RD4AD)  # Reverse Distillation, pretrained EfficientNet-Lite0 encoder
-        NEEDS_VGG16=0
-        LITE_CONFIG=test_tipc/configs/RD4AD/rd4ad_lite.yaml
-        WHOLE_CONFIG=configs/rd4ad.yaml
-        EXPORT_KINDS=anomaly_map
-        RUN_SUBDIR=rd4ad/
-        ;;
-    CFlow)  # CFlow-AD, pretrained EfficientNet-Lite0 encoder
-        NEEDS_VGG16=0
-        LITE_CONFIG=test_tipc/configs/CFlow/cflow_lite.yaml
-        WHOLE_CONFIG=configs/cflow.yaml
-        EXPORT_KINDS=anomaly_map
-        RUN_SUBDIR=cflow/
-        ;;
-    DRAEM)  # DRAEM (no backbone)
-        NEEDS_VGG16=0
-        LITE_CONFIG=test_tipc/configs/DRAEM/draem_lite.yaml
-        WHOLE_CONFIG=configs/draem.yaml
-        EXPORT_KINDS=anomaly_map
-        RUN_SUBDIR=draem/
+        RUN_SUBDIR=${method}/
         ;;
     *)
         echo "error: prepare.sh knows the models KDAD, KDAD_EfficientNetLite0, PaDiM, PatchCore, STFPM, RD4AD, CFlow and DRAEM, \

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import paddle
 import pytest
+from golden_rule import rule_weights as golden_rule_weights  # tests/golden_rule.py
 from skimage import data as skdata
 
 import kdad.backbones.efficientnet_lite as effnet
@@ -378,21 +379,9 @@ def golden(name: str) -> Any:
 
 
 def rule_weights(keys: Sequence[str], shapes: np.ndarray, seed: int, gain: float) -> Dict[str, np.ndarray]:
-    """The fixtures' weight rule (``../shared/golden/README.md``): one numpy generator, float16 values."""
-    rng = np.random.default_rng(seed)
-    out: Dict[str, np.ndarray] = {}
-    for key, padded in zip(keys, shapes):
-        key, shape = str(key), tuple(int(d) for d in padded if d >= 0)
-        param = key.rsplit(".", 1)[-1]
-        if param == "running_var" or (param == "weight" and len(shape) == 1):
-            values = rng.uniform(0.5, 1.5, shape)
-        elif param in ("bias", "running_mean"):
-            values = rng.normal(0.0, 0.1, shape)
-        else:
-            values = rng.normal(0.0, np.sqrt(gain / int(np.prod(shape[1:]))), shape)
-        out[key] = values.astype(np.float16).astype(np.float32)
-    return out
-
+    """The fixtures' weight rule (``tests/golden_rule.py``) for a fixture's keys and -1 padded shapes."""
+    spec = [(str(key), tuple(int(d) for d in padded if d >= 0)) for key, padded in zip(keys, shapes)]
+    return golden_rule_weights(spec, seed, gain)
 
 def rule_backbone(fixture: Any, name: str, taps: List[str], tmp_path: Any, prefix: str = "") -> Any:
     """The backbone with the fixture's rule weights, going through a converted ``.pdparams`` file."""

@@ -76,6 +76,14 @@ def new_buffer(layer: nn.Layer, name: str, shape: Sequence[int], dtype: str = "f
     layer.register_buffer(name, paddle.zeros(list(shape), dtype=dtype), persistable=True)
 
 
+def backbone_taps(model: AnomalyModel, x: paddle.Tensor) -> Dict[str, paddle.Tensor]:
+    """``{tap: [N, C, h, w]}``: the frozen backbone's outputs at ``model.layers`` for [0, 1] RGB ``x``,
+    without gradients (the ``teacher_features`` of STFPM, RD4AD and CFlow-AD)."""
+    with paddle.no_grad():
+        feats = model.backbone(x)
+    return {tap: feats[tap].detach() for tap in model.layers}
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     """How the shared epoch trainer (:mod:`kdad.engine.trainer`) trains a method's student.

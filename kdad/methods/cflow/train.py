@@ -38,7 +38,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from kdad.methods.base import AnomalyModel, TrainingSpec
+from kdad.methods.base import AnomalyModel, TrainingSpec, backbone_taps
 from kdad.methods.cflow.loss import fibers, log_likelihood, nll
 from kdad.methods.cflow.model import FIBER_BATCH, set_reference_maxima
 
@@ -79,13 +79,6 @@ class CFlowSchedule(paddle.optimizer.lr.LRScheduler):
 def student(model: AnomalyModel) -> nn.Layer:
     """The trained layer: the decoders (``model.decoders``)."""
     return model.decoders
-
-
-def teacher_features(model: AnomalyModel, x: paddle.Tensor) -> Dict[str, paddle.Tensor]:
-    """``{tap: encoder output}``, without gradients."""
-    with paddle.no_grad():
-        feats = model.backbone(x)
-    return {tap: feats[tap] for tap in model.layers}
 
 
 def fiber_batches(count: int, size: int, rng: np.random.Generator) -> List[np.ndarray]:
@@ -147,5 +140,5 @@ def optimizer(config: Mapping[str, Any], parameters: Sequence[paddle.Tensor]) ->
                                  parameters=list(parameters))
 
 
-TRAINING = TrainingSpec(student=student, teacher_features=teacher_features, optimizer=optimizer,
+TRAINING = TrainingSpec(student=student, teacher_features=backbone_taps, optimizer=optimizer,
                         step=train_step, finalize=finalize)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Sequence
 import paddle
 import paddle.nn as nn
 
-from kdad.methods.base import AnomalyModel, TrainingSpec
+from kdad.methods.base import AnomalyModel, TrainingSpec, backbone_taps
 from kdad.methods.rd4ad.loss import rd4ad_loss
 
 #: the official Adam betas
@@ -24,13 +24,6 @@ ADAM_BETAS = (0.5, 0.999)
 def student(model: AnomalyModel) -> nn.Layer:
     """The trained layer: OCBE + decoder (``model.student``)."""
     return model.student
-
-
-def teacher_features(model: AnomalyModel, x: paddle.Tensor) -> Dict[str, paddle.Tensor]:
-    """``{tap: encoder output}`` for layer1..3, without gradients."""
-    with paddle.no_grad():
-        feats = model.backbone(x)
-    return {tap: feats[tap] for tap in model.layers}
 
 
 def loss(model: AnomalyModel, student_layer: nn.Layer, x: paddle.Tensor,
@@ -49,4 +42,4 @@ def optimizer(config: Mapping[str, Any], parameters: Sequence[paddle.Tensor]) ->
 
 
 #: no resume keys of its own: the engine already checks the backbone and its taps for every non-KDAD method
-TRAINING = TrainingSpec(student=student, teacher_features=teacher_features, loss=loss, optimizer=optimizer)
+TRAINING = TrainingSpec(student=student, teacher_features=backbone_taps, loss=loss, optimizer=optimizer)

@@ -12,12 +12,12 @@ the same as ``mu * 0 + g + wd * p``). ``tests/test_stfpm.py`` checks two steps a
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import paddle
 import paddle.nn as nn
 
-from kdad.methods.base import AnomalyModel, TrainingSpec
+from kdad.methods.base import AnomalyModel, TrainingSpec, backbone_taps
 from kdad.methods.stfpm.loss import stfpm_loss
 
 #: the official SGD's momentum and weight decay (the learning rate, 0.4 in the paper, is ``learning_rate``)
@@ -28,13 +28,6 @@ SGD_WEIGHT_DECAY = 1e-4
 def student_of(model: AnomalyModel) -> nn.Layer:
     """The trained network: the student backbone."""
     return model.student
-
-
-def teacher_features(model: AnomalyModel, x: paddle.Tensor) -> Dict[str, paddle.Tensor]:
-    """The frozen teacher's taps ``{layer: [N, C, h, w]}`` of [0, 1] RGB ``x``, without gradients."""
-    with paddle.no_grad():
-        feats = model.backbone(x)
-    return {tap: feats[tap].detach() for tap in model.layers}
 
 
 def training_loss(model: AnomalyModel, student: nn.Layer, x: paddle.Tensor,
@@ -57,7 +50,7 @@ def make_optimizer(config: Mapping[str, Any],
 
 TRAINING = TrainingSpec(
     student=student_of,
-    teacher_features=teacher_features,
+    teacher_features=backbone_taps,
     loss=training_loss,
     optimizer=make_optimizer,
     resume_keys=("backbone", "backbone_pretrained", "layers"),
