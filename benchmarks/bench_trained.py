@@ -1,31 +1,38 @@
-"""Training speed of the trained methods (STFPM, RD4AD, optionally KDAD) beside the FLOP floor.
+"""Training speed of the trained methods (STFPM, RD4AD, CFlow-AD, DRAEM, optionally KDAD) beside the
+FLOP floor.
 
 For each method (model built from its config, ``backbone: efficientnet_lite0`` by default, the
 method's image size and batch size unless overridden):
 
-* FLOPs per image, counted with forward hooks on every ``Conv2D`` and ``Conv2DTranspose`` that runs:
-  the teacher forward (``training.teacher_features``) and the student forward (``training.loss``).
-  A conv costs ``2 * C_out * H_out * W_out * C_in/groups * kh * kw``, a transposed conv
-  ``2 * C_in * H_in * W_in * C_out/groups * kh * kw`` (one multiply and one add per MAC); BatchNorm,
-  activations, the loss and the optimiser are left out (as ``benchmarks/flops.py``);
-* training FLOPs per image: *cached* = student forward + weight gradients (convs with trainable
-  weights) + data gradients (convs whose input needs a gradient: not the first conv of a student
-  that takes the image, nor RD4AD's fusion convs on the teacher's features); a conv whose output does
-  not reach the loss has no backward. That is ``3 x student forward`` less the data gradients not
-  needed. *uncached* adds the teacher forward;
+* FLOPs per image, counted with forward hooks on every ``Conv2D``, ``Conv2DTranspose`` and ``Linear``
+  that runs (``benchmarks/flops.py``: ``count_layers``): the teacher forward
+  (``training.teacher_features``; DRAEM has none) and the student forward (``training.loss``, or for
+  CFlow-AD ``training.step``: every fiber batch of one image batch). A conv costs
+  ``2 * C_out * H_out * W_out * C_in/groups * kh * kw``, a transposed conv
+  ``2 * C_in * H_in * W_in * C_out/groups * kh * kw``, a linear layer ``2 * rows * in * out`` (one
+  multiply and one add per MAC); BatchNorm, activations, the flows' permutations and log-determinants,
+  the loss, DRAEM's anomaly simulator and the optimiser are left out;
+* training FLOPs per image: *cached* = student forward + weight gradients (trainable weights) + data
+  gradients (layers whose input needs a gradient: not the first conv of a student that takes the
+  image, nor RD4AD's fusion convs on the teacher's features, nor a flow's first coupling on the
+  fibers); a layer whose output does not reach the loss has no backward. That is ``3 x student
+  forward`` less the data gradients not needed. *uncached* adds the teacher forward. A method whose
+  input is new every step (DRAEM: ``cacheable=False``) has only the *uncached* row;
 * the machine's matrix-multiply rate (``benchmarks/matmul_rate.measure``, the highest rate of any
   library and shape, measured in this run) and the floor = FLOPs / rate (ms/img and img/s);
 * measured img/s of the trainer's step (:func:`kdad.engine.trainer._train`): batch to tensor, teacher
   features from the numpy cache (*cached*, made beforehand by ``cache_teacher_features``) or
-  ``training.teacher_features`` every step (*uncached*), ``training.loss``, ``float(loss)``,
-  ``backward``, ``optimizer.step``, ``clear_grad``. The two variants share one model and are timed
-  side by side (interleaved rounds, warm-up steps excluded, median of ``--steps``);
+  ``training.teacher_features`` every step (*uncached*), ``training.loss`` (DRAEM's simulation
+  included), ``float(loss)``, ``backward``, ``optimizer.step``, ``clear_grad`` (CFlow-AD:
+  ``training.step``, its fiber-batch Adam steps). The variants share one model and are timed side by
+  side (interleaved rounds, warm-up steps excluded, median of ``--steps``);
 * peak RSS: each method runs in its own subprocess (with ``--threads`` math threads), so it is the
   method's own.
 
     python benchmarks/bench_trained.py                                  # stfpm, rd4ad at 256 px
     python benchmarks/bench_trained.py --methods stfpm,rd4ad,kdad --json out.json
     python benchmarks/bench_trained.py --image_size 128 --batch_size 8 --steps 2   # a quick check
+    python benchmarks/bench_trained.py --methods cflow,draem --image_size 128 --batch_size 4
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if REPO not in sys.path:
@@ -56,7 +63,7 @@ from benchmarks.common import (  # noqa: E402 - common imports no paddle
     write_json,
 )
 
-METHODS = ("stfpm", "rd4ad", "kdad")
+METHODS = ("stfpm", "rd4ad", "cflow", "draem", "kdad")
 VARIANTS = ("cached", "uncached")
 COLUMNS = ("method", "backbone", "size", "batch", "variant", "GFLOP/img", "floor img/s", "measured img/s",
            "% of floor")
@@ -64,70 +71,56 @@ COLUMNS = ("method", "backbone", "size", "batch", "variant", "GFLOP/img", "floor
 
 # --- FLOPs ------------------------------------------------------------------------------------------
 
-def conv_cost(layer: Any, inputs: Any, output: Any) -> int:
-    """FLOPs of one image through ``layer`` (a ``Conv2D`` or ``Conv2DTranspose``)."""
-    import paddle.nn as nn
-
-    if isinstance(layer, nn.Conv2DTranspose):  # weight [C_in, C_out/groups, kh, kw]
-        c_in, c_out_per_group, k_h, k_w = [int(v) for v in layer.weight.shape]
-        h_in, w_in = [int(v) for v in inputs[0].shape[2:]]
-        return 2 * c_in * h_in * w_in * c_out_per_group * k_h * k_w
-    c_out, c_in_per_group, k_h, k_w = [int(v) for v in layer.weight.shape]  # Conv2D: [C_out, C_in/g, kh, kw]
-    h_out, w_out = [int(v) for v in output.shape[2:]]
-    return 2 * c_out * h_out * w_out * c_in_per_group * k_h * k_w
+def _drop_outputs(records: List[Dict[str, Any]]) -> None:
+    for record in records:
+        record.pop("output", None)
 
 
-def count_convs(scope: Any, call: Callable[[], Any]) -> tuple:
-    """``(records, result of call())``: one record per conv of ``scope`` that ran in ``call()``,
-    with its FLOPs per image, whether its input needs a gradient and whether its weight is trained."""
-    import paddle.nn as nn
+def training_flops(model: Any, training: Any, student: Any, images: Any, config: Any) -> Dict[str, Any]:
+    """FLOPs per image of the teacher forward, the student forward and its gradients, counted on one
+    training batch ``images`` (eval mode, gradients enabled so the hooks see which tensors need them).
 
-    records: List[Dict[str, Any]] = []
-
-    def hook(layer: Any, inputs: Any, output: Any) -> None:
-        records.append({"layer": layer.full_name(), "transposed": isinstance(layer, nn.Conv2DTranspose),
-                        "flops": conv_cost(layer, inputs, output),
-                        "input_needs_grad": not inputs[0].stop_gradient,
-                        "weight_trained": not layer.weight.stop_gradient, "output": output})
-
-    handles = [layer.register_forward_post_hook(hook) for layer in scope.sublayers(include_self=True)
-               if isinstance(layer, (nn.Conv2D, nn.Conv2DTranspose))]
-    try:
-        result = call()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return records, result
-
-
-def training_flops(model: Any, training: Any, student: Any, image_size: int) -> Dict[str, Any]:
-    """FLOPs per image of the teacher forward, the student forward and its gradients (one image, eval
-    mode, gradients enabled so the hooks see which tensors need them)."""
+    A ``loss`` method: a layer's backward runs only if its output reaches the loss (checked with
+    ``paddle.grad``). A ``step`` method (CFlow-AD) optimises inside the call, so the step itself is
+    counted (every fiber batch of the image batch, each once) and every counted layer is taken to
+    reach its loss (true of the flows: each fiber batch's loss is the flow's output)."""
+    import numpy as np
     import paddle
 
+    from benchmarks.flops import count_layers
+
     model.eval()
-    x = paddle.to_tensor(random_images(1, image_size, seed=7))
-    teacher, feats = count_convs(model, lambda: training.teacher_features(model, x))
+    count = int(images.shape[0])
+    x = paddle.to_tensor(images)
+    teacher, feats = count_layers(model, lambda: training.teacher_features(model, x))
+    _drop_outputs(teacher)
     feats = {key: value.detach() for key, value in feats.items()}
+    rng = np.random.default_rng(0)
     with paddle.enable_grad():
-        records, loss = count_convs(student, lambda: training.loss(model, student, x, feats))
-        graded = [r for r in records if not r["output"].stop_gradient]
-        grads = paddle.grad([loss], [r["output"] for r in graded], allow_unused=True) if graded else []
-    reaches_loss = {id(r): g is not None for r, g in zip(graded, grads)}
+        if training.step is not None:
+            optimizer = training.optimizer(config, student.parameters())
+            records, _ = count_layers(student, lambda: training.step(model, student, x, feats, rng, optimizer))
+            reaches_loss = {id(r): True for r in records}
+        else:
+            records, loss = count_layers(student, lambda: training.loss(model, student, x, feats, rng))
+            graded = [r for r in records if not r["output"].stop_gradient]
+            grads = paddle.grad([loss], [r["output"] for r in graded], allow_unused=True) if graded else []
+            reaches_loss = {id(r): g is not None for r, g in zip(graded, grads)}
     for r in records:
         r["reaches_loss"] = reaches_loss.get(id(r), False)
-        del r["output"]
-    forward = sum(r["flops"] for r in records)
-    data_grads = sum(r["flops"] for r in records if r["reaches_loss"] and r["input_needs_grad"])
-    weight_grads = sum(r["flops"] for r in records if r["reaches_loss"] and r["weight_trained"])
-    teacher_forward = sum(r["flops"] for r in teacher)
+    _drop_outputs(records)
+    forward = sum(r["flops"] for r in records) / count
+    data_grads = sum(r["flops"] for r in records if r["reaches_loss"] and r["input_needs_grad"]) / count
+    weight_grads = sum(r["flops"] for r in records if r["reaches_loss"] and r["weight_trained"]) / count
+    teacher_forward = sum(r["flops"] for r in teacher) / count
     cached = forward + data_grads + weight_grads
+    kinds = sorted({r["kind"] for r in records})
     return {
         "teacher_forward": teacher_forward, "student_forward": forward, "student_data_grads": data_grads,
         "student_weight_grads": weight_grads, "train_cached": cached, "train_uncached": cached + teacher_forward,
-        "teacher_convs": len(teacher), "student_convs": len(records),
-        "student_transposed_convs": sum(r["transposed"] for r in records),
-        "student_convs_without_data_grad": sum(not (r["reaches_loss"] and r["input_needs_grad"])
+        "teacher_layers": len({r["layer"] for r in teacher}), "student_layers": len({r["layer"] for r in records}),
+        "student_layer_kinds": kinds, "student_calls": len(records),
+        "student_calls_without_data_grad": sum(not (r["reaches_loss"] and r["input_needs_grad"])
                                                for r in records),
     }
 
@@ -162,17 +155,27 @@ def bench_method(method: str, backbone: str, image_size: Optional[int], batch_si
     training = spec.training
     if training is None:
         raise ValueError(f"method '{method}' is not trained (it has no TrainingSpec)")
+    if not training.cacheable:  # the teacher's input (or the whole input) changes every step
+        variants = ["uncached"]
     log(f"{method}: building the model ({backbone}, {size} px, batch {batch})")
     model = spec.build_model(config)
+    if training.prepare is not None:
+        training.prepare(model, config)
     student = training.student(model)
     optimizer = training.optimizer(config, student.parameters())
-    flops = training_flops(model, training, student, size)
-
     images = random_images(batch, size, seed=1)
-    model.eval()  # as the trainer: the cache is made in eval mode, once
-    started = time.perf_counter()
-    cached = cache_teacher_features(training, model, images, int(config["eval_batch_size"]))
-    cache_s = time.perf_counter() - started
+    # FLOPs per image: one image for a loss (per-image cost), the whole batch for a step method (its
+    # fiber batches depend on the batch)
+    flops = training_flops(model, training, student, images if training.step is not None else images[:1],
+                           config)
+
+    cached: Dict[str, Any] = {}
+    cache_s = 0.0
+    if "cached" in variants:
+        model.eval()  # as the trainer: the cache is made in eval mode, once
+        started = time.perf_counter()
+        cached = cache_teacher_features(training, model, images, int(config["eval_batch_size"]))
+        cache_s = time.perf_counter() - started
     model.train()
     rng = np.random.default_rng(0)
     losses: Dict[str, List[float]] = {name: [] for name in variants}
@@ -184,7 +187,10 @@ def bench_method(method: str, backbone: str, image_size: Optional[int], batch_si
             feats = {key: paddle.to_tensor(value[index]) for key, value in cached.items()}
         else:
             feats = training.teacher_features(model, x)
-        loss = training.loss(model, student, x, feats)
+        if training.step is not None:  # the method's own optimiser steps
+            losses[name].append(float(training.step(model, student, x, feats, rng, optimizer)))
+            return
+        loss = training.loss(model, student, x, feats, rng)
         losses[name].append(float(loss))
         loss.backward()
         optimizer.step()
@@ -197,8 +203,8 @@ def bench_method(method: str, backbone: str, image_size: Optional[int], batch_si
     for name in variants:
         timing = timings[name]
         rows.append({
-            "method": method, "backbone": backbone, "image_size": size, "batch": batch, "variant": name,
-            "learning_rate": float(config["learning_rate"]),
+            "method": method, "backbone": spec_backbone(spec, backbone), "image_size": size, "batch": batch,
+            "variant": name, "learning_rate": float(config["learning_rate"]),
             "train_gflop_per_image": flops[f"train_{name}"] / 1e9,
             "measured_images_per_s": batch / timing["median_s"],
             "measured_ms_per_image": 1000.0 * timing["median_s"] / batch,
@@ -209,6 +215,11 @@ def bench_method(method: str, backbone: str, image_size: Optional[int], batch_si
     return {"method": method, "flops": flops, "cache_s": cache_s, "cache_images": batch,
             "cached_mb": sum(value.nbytes for value in cached.values()) / 2 ** 20,
             "peak_rss_mb": peak_rss_mb(), "rows": rows}
+
+
+def spec_backbone(spec: Any, backbone: str) -> str:
+    """The backbone a row names: ``none`` for a method without one (DRAEM)."""
+    return backbone if spec.uses_backbone else "none"
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -273,13 +284,14 @@ def details(result: Dict[str, Any]) -> str:
     """One line of a method's FLOP breakdown, cache time and memory."""
     f = result["flops"]
     g = 1e9
+    cache = (f"teacher cache {1000.0 * result['cache_s'] / result['cache_images']:.0f} ms/img "
+             f"({result['cached_mb']:.0f} MB for {result['cache_images']} images)" if result["cache_s"]
+             else "nothing cached")
     return (f"{result['method']}: teacher forward {f['teacher_forward'] / g:.3g} GFLOP/img "
-            f"({f['teacher_convs']} convs), student forward {f['student_forward'] / g:.3g} "
-            f"({f['student_convs']} convs, {f['student_transposed_convs']} transposed), data grads "
-            f"{f['student_data_grads'] / g:.3g} ({f['student_convs_without_data_grad']} convs without), "
-            f"weight grads {f['student_weight_grads'] / g:.3g}; teacher cache "
-            f"{1000.0 * result['cache_s'] / result['cache_images']:.0f} ms/img ({result['cached_mb']:.0f} MB "
-            f"for {result['cache_images']} images); peak RSS {result['peak_rss_mb']:.0f} MB; "
+            f"({f['teacher_layers']} layers), student forward {f['student_forward'] / g:.3g} "
+            f"({f['student_layers']} layers: {', '.join(f['student_layer_kinds'])}; {f['student_calls']} calls), "
+            f"data grads {f['student_data_grads'] / g:.3g} ({f['student_calls_without_data_grad']} calls without), "
+            f"weight grads {f['student_weight_grads'] / g:.3g}; {cache}; peak RSS {result['peak_rss_mb']:.0f} MB; "
             f"losses finite: {all(r['losses_finite'] for r in result['rows'])}")
 
 

@@ -1,4 +1,6 @@
-"""FLOPs per image of the expert and the cloner, counted on the real layers with forward hooks.
+"""FLOPs counted on the real layers with forward hooks: any model's convolutions, transposed
+convolutions and linear layers (:func:`count_layers`, used by ``bench_trained.py`` and
+``bench_methods.py``), and KDAD's expert and cloner per image (:func:`model_flops`).
 
 A convolution costs ``2 * C_out * H_out * W_out * (C_in / groups) * k_h * k_w`` FLOPs (one multiply
 and one add per MAC); BatchNorm, activations, pooling and the distance are left out (well under 1%
@@ -12,32 +14,65 @@ there). Training and gradient costs are derived from the forward counts:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 
+#: the layers whose products are counted (every other op is left out: well under 1% for these models)
+COUNTED_LAYERS = (nn.Conv2D, nn.Conv2DTranspose, nn.Linear)
 
-def conv_flops(model: nn.Layer, run, image_size: int) -> List[Dict[str, Any]]:
-    """Per-conv FLOPs for one image of ``image_size`` when ``run(x)`` is called (in order)."""
+
+def layer_cost(layer: nn.Layer, inputs: Any, output: Any) -> int:
+    """FLOPs of one call of a ``Conv2D``, ``Conv2DTranspose`` or ``Linear`` over all its inputs.
+
+    Conv: ``2 * N * C_out * H_out * W_out * C_in/groups * kh * kw``; transposed conv (weight
+    ``[C_in, C_out/groups, kh, kw]``): ``2 * N * C_in * H_in * W_in * C_out/groups * kh * kw``; Linear
+    (weight ``[in, out]``): ``2 * rows * in * out`` with ``rows`` the input's elements / ``in``."""
+    shape = [int(v) for v in layer.weight.shape]
+    if isinstance(layer, nn.Linear):
+        rows = int(np.prod([int(v) for v in inputs[0].shape])) // shape[0]
+        return 2 * rows * shape[0] * shape[1]
+    if isinstance(layer, nn.Conv2DTranspose):
+        c_in, c_out_per_group, k_h, k_w = shape
+        n, _, h_in, w_in = [int(v) for v in inputs[0].shape]
+        return 2 * n * c_in * h_in * w_in * c_out_per_group * k_h * k_w
+    c_out, c_in_per_group, k_h, k_w = shape
+    n, _, h_out, w_out = [int(v) for v in output.shape]
+    return 2 * n * c_out * h_out * w_out * c_in_per_group * k_h * k_w
+
+
+def count_layers(scope: nn.Layer, call: Callable[[], Any]) -> Tuple[List[Dict[str, Any]], Any]:
+    """``(records, call())``: one record per call of a counted layer of ``scope`` during ``call()``
+    (in order): its FLOPs over the call's whole input, whether its input needs a gradient, whether its
+    weight is trained, and its output tensor (for gradient reachability; drop it when done)."""
     records: List[Dict[str, Any]] = []
 
     def hook(layer, inputs, output):
-        weight = layer.weight
-        c_out, c_in_per_group, k_h, k_w = [int(v) for v in weight.shape]
-        n, _, h_out, w_out = [int(v) for v in output.shape]
-        flops = 2 * c_out * h_out * w_out * c_in_per_group * k_h * k_w
-        records.append({"layer": layer.full_name(), "in": [int(v) for v in inputs[0].shape[1:]],
-                        "out": [c_out, h_out, w_out], "flops": flops})
+        records.append({"layer": layer.full_name(), "kind": type(layer).__name__,
+                        "in": [int(v) for v in inputs[0].shape[1:]], "out": [int(v) for v in output.shape[1:]],
+                        "flops": layer_cost(layer, inputs, output),
+                        "input_needs_grad": not inputs[0].stop_gradient,
+                        "weight_trained": not layer.weight.stop_gradient, "output": output})
 
-    handles = [layer.register_forward_post_hook(hook) for layer in model.sublayers()
-               if isinstance(layer, nn.Conv2D)]
+    handles = [layer.register_forward_post_hook(hook) for layer in scope.sublayers(include_self=True)
+               if isinstance(layer, COUNTED_LAYERS)]
     try:
-        with paddle.no_grad():
-            run(paddle.zeros([1, 3, image_size, image_size]))
+        result = call()
     finally:
         for handle in handles:
             handle.remove()
+    return records, result
+
+
+def conv_flops(model: nn.Layer, run, image_size: int) -> List[Dict[str, Any]]:
+    """Per-layer FLOPs (convolutions, transposed convolutions, linear layers) for one image of
+    ``image_size`` when ``run(x)`` is called (in order)."""
+    with paddle.no_grad():
+        records, _ = count_layers(model, lambda: run(paddle.zeros([1, 3, image_size, image_size])))
+    for record in records:
+        del record["output"]
     return records
 
 
