@@ -1,10 +1,12 @@
 """Worker script for tests/test_distributed.py; run it under ``python -m paddle.distributed.launch``.
 
 Trains like ``tools/train.py`` (same arguments) through ``train(config, return_model=True)``, then
-every rank writes ``<dump_dir>/rank<k>.npz``: the cloner's trainable parameters (``param/<name>``),
-its non-trainable tensors, i.e. the BatchNorm running statistics (``buffer/<name>``; Paddle
-keeps them as parameters with ``stop_gradient=True``), a SHA-256 digest of the
-frozen expert's parameters and ``meta`` (rank, world size, the path ``train`` returned).
+every rank writes ``<dump_dir>/rank<k>.npz``: the trained network's (KDAD's cloner, CFlow-AD's flows:
+the method's ``TrainingSpec.student``) trainable parameters (``param/<name>``), its non-trainable
+tensors, i.e. the BatchNorm running statistics (``buffer/<name>``; Paddle keeps them as parameters
+with ``stop_gradient=True``), a SHA-256 digest of the frozen teacher's parameters (KDAD's expert,
+the backbone) and ``meta`` (rank, world size, the path ``train`` returned, and
+:mod:`kdad.utils.distributed`'s averaging and minimum applied to known per-rank values).
 
 Each rank gets its own ``save_dir`` and ``log_dir`` (``<dir>/rank<k>``), so the test can check that
 only rank 0 writes checkpoints and logs (in real runs all ranks share one folder).
@@ -38,17 +40,20 @@ def main(argv: List[str]) -> int:
     import paddle.distributed as dist
 
     from kdad.engine.trainer import train
+    from kdad.registry import get_method
 
     path, model = train(config, return_model=True)
+    student = get_method(config["method"]).training.student(model)
+    teacher = model.expert if config["method"] == "kdad" else model.backbone
     arrays = {}
-    for name, param in model.cloner.named_parameters():
+    for name, param in student.named_parameters():
         # Paddle keeps BatchNorm's running mean/variance as non-trainable parameters
         kind = "buffer" if param.stop_gradient else "param"
         arrays[f"{kind}/{name}"] = param.numpy()
-    for name, buffer in model.cloner.named_buffers():
+    for name, buffer in student.named_buffers():
         arrays[f"buffer/{name}"] = buffer.numpy()
     digest = hashlib.sha256()
-    for name, param in sorted(model.expert.named_parameters(), key=lambda item: item[0]):
+    for name, param in sorted(teacher.named_parameters(), key=lambda item: item[0]):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(param.numpy()).tobytes())
     meta = {
@@ -60,6 +65,16 @@ def main(argv: List[str]) -> int:
         "save_dir": config["save_dir"],
         "log_dir": config["log_dir"],
     }
+    # the collective helpers on known values: gradient (rank + 1) averaged over 2 ranks is 1.5
+    import paddle
+
+    from kdad.utils.distributed import agreed_minimum, average_gradients
+
+    probe = paddle.create_parameter([2], "float32")
+    paddle.sum(probe * float(rank + 1)).backward()
+    average_gradients([probe])
+    meta["averaged_gradient"] = probe.grad.numpy().tolist()
+    meta["agreed_minimum"] = agreed_minimum([rank + 3, 10 - rank])
     arrays["meta"] = np.array(json.dumps(meta))
     os.makedirs(args.dump_dir, exist_ok=True)
     np.savez(os.path.join(args.dump_dir, f"rank{rank}.npz"), **arrays)

@@ -9,6 +9,10 @@ checkpoints hold rank 0's weights, including rank 0's BatchNorm running statisti
 are buffers, not parameters, so DataParallel does not all-reduce them and they may differ between
 ranks (each rank sees its own shard); that difference is reported, not asserted.
 
+CFlow-AD (64 px, Lite0) runs the same way: its fiber steps average their own gradients
+(``kdad.utils.distributed``) instead of ``paddle.DataParallel``; its flows must be identical on both
+ranks after training on different shards, the helpers give known answers on known per-rank values.
+
 Skipped when a 2-process launch is impossible here (no paddle.distributed.launch, no loopback).
 """
 
@@ -21,6 +25,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Dict, List
 
 import numpy as np
 import pytest
@@ -56,36 +61,53 @@ def _tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-@pytest.fixture(scope="module")
-def dist_run(tmp_path_factory):
-    reason = _launch_possible()
-    if reason:
-        pytest.skip(reason)
+def _launch(tmp: Path, overrides: List[str]) -> Dict[str, Any]:
+    """Two CPU workers of the probe on a tiny generated class; the run's folders and the workers' logs."""
     from kdad.data import generate_synthetic_class
 
-    tmp = tmp_path_factory.mktemp("dist")
     data = tmp / "data"
     generate_synthetic_class(str(data), CLASS, "texture", n_train=10, n_test_good=2, n_test_defect=1,
-                             size=32, seed=3)
+                             size=64, seed=3)
     launch_log, save, logs, dump = tmp / "launch", tmp / "save", tmp / "logs", tmp / "dump"
     cmd = [
         sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--host", "127.0.0.1",
         "--log_dir", str(launch_log), str(PROBE),
         "--dataset_root", str(data), "--normal_class", CLASS, "--save_dir", str(save),
         "--dump_dir", str(dump),
-        "-o", "num_epochs=2", "-o", "batch_size=2", "-o", "mvtec_img_size=32", "-o", "pretrain=False",
-        "-o", "expert=vgg16", "-o", "holdout_fraction=0.2", "-o", "save_every=1", "-o", "eval_batch_size=4",
-        "-o", "progress_bar=False", "-o", f"log_dir={logs}", "-o", "seed=7",
+        "-o", "num_epochs=2", "-o", "batch_size=2", "-o", "holdout_fraction=0.2", "-o", "save_every=1",
+        "-o", "eval_batch_size=4", "-o", "progress_bar=False", "-o", f"log_dir={logs}", "-o", "seed=7",
     ]
+    for override in overrides:
+        cmd += ["-o", override]
     env = dict(os.environ)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # two workers on the machine's cores
     proc = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=300)
     workers = "\n".join(f"--- workerlog.{r}\n{_tail(launch_log / f'workerlog.{r}')}" for r in (0, 1))
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{workers}"
     return {"tmp": tmp, "save": save, "logs": logs, "dump": dump, "launch_log": launch_log,
             "stdout": proc.stdout, "workers": workers}
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory):
+    """KDAD (random VGG16 expert, 32 px): the student wrapped in ``paddle.DataParallel``."""
+    reason = _launch_possible()
+    if reason:
+        pytest.skip(reason)
+    return _launch(tmp_path_factory.mktemp("dist"), ["mvtec_img_size=32", "pretrain=False", "expert=vgg16"])
+
+
+@pytest.fixture(scope="module")
+def cflow_run(tmp_path_factory):
+    """CFlow-AD (Lite0 encoder, 64 px): its fiber steps average their own gradients."""
+    reason = _launch_possible()
+    if reason:
+        pytest.skip(reason)
+    return _launch(tmp_path_factory.mktemp("dist_cflow"), ["method=cflow", "backbone=efficientnet_lite0",
+                                                           "mvtec_img_size=64", "fiber_batch=16"])
 
 
 def test_both_ranks_ran_with_world_size_two(dist_run):
@@ -145,3 +167,39 @@ def test_checkpoints_hold_rank0_weights_and_batchnorm_statistics(dist_run):
     diff = max(float(np.abs(buffers0[n] - buffers1[n]).max()) for n in bn)
     # Not synchronised by DataParallel (buffers are not all-reduced): may differ; rank 0's are saved.
     print(f"max |BN running stat rank0 - rank1| = {diff:.3g} over {len(bn)} buffers")
+
+
+def test_cflow_ranks_step_together_and_only_rank0_writes(cflow_run):
+    """Each rank trains on its own shard; equal flows after training mean every fiber step's gradients
+    were averaged and every rank took the same steps (a missing step or collective would hang or
+    diverge). The checkpoint holds those flows; rank 1 wrote nothing."""
+    import paddle
+
+    meta0, params0, _ = _load(cflow_run["dump"] / "rank0.npz")
+    meta1, params1, _ = _load(cflow_run["dump"] / "rank1.npz")
+    assert meta0["world_size"] == meta1["world_size"] == 2
+    assert sorted(params0) == sorted(params1) and len(params0) > 100  # 3 taps x 8 coupling blocks
+    for name in params0:
+        np.testing.assert_array_equal(params0[name], params1[name], err_msg=f"flow parameter {name} differs")
+    assert meta0["expert_sha256"] == meta1["expert_sha256"]
+    state = paddle.load(str(Path(meta0["returned_path"])))["model"]
+    matched = [name for name in state if name.startswith("decoders.")]
+    assert matched, sorted(state)[:5]
+    flows = {name[len("decoders."):]: np.asarray(state[name]) for name in matched}
+    for name, value in params0.items():
+        np.testing.assert_array_equal(flows[name], value, err_msg=f"checkpoint: {name}")
+    assert meta1["returned_path"] is None
+    rank1_files = [p for d in (cflow_run["save"] / "rank1", cflow_run["logs"] / "rank1") if d.exists()
+                   for p in d.rglob("*") if p.is_file()]
+    assert rank1_files == [], f"rank 1 wrote {rank1_files}"
+    train_log = (cflow_run["logs"] / "rank0" / "cflow" / f"{CLASS}_train.log").read_text()
+    assert "world size 2" in train_log and "epoch 1 loss" in train_log
+
+
+def test_collective_helpers_on_known_values(cflow_run):
+    """Gradients (rank + 1) averaged over the 2 ranks: 1.5 on both; element-wise minimum of
+    [rank + 3, 10 - rank]: [3, 9] on both."""
+    for rank in (0, 1):
+        meta, _, _ = _load(cflow_run["dump"] / f"rank{rank}.npz")
+        np.testing.assert_allclose(meta["averaged_gradient"], [1.5, 1.5], rtol=0, atol=1e-7)
+        assert meta["agreed_minimum"] == [3, 9]

@@ -59,6 +59,7 @@ from kdad.utils.checkpoint import (
     remove_run_files,
     run_files,
 )
+from kdad.utils.distributed import all_finite, broadcast_parameters
 from kdad.utils.logger import get_logger
 
 
@@ -433,16 +434,6 @@ def train(config: Dict[str, Any], return_model: bool = False):
                        world_size)
 
 
-def _all_finite(value: float, world_size: int) -> bool:
-    """Whether ``value`` is finite on every rank (all ranks stop together)."""
-    bad = 0.0 if math.isfinite(value) else 1.0
-    if world_size > 1:
-        flag = paddle.to_tensor([bad], dtype="float32")
-        dist.all_reduce(flag)
-        bad = float(flag.numpy().ravel()[0])
-    return bad == 0.0
-
-
 def _finite_weights(layer: paddle.nn.Layer) -> bool:
     return all(bool(paddle.isfinite(p).all()) for p in layer.parameters())
 
@@ -524,7 +515,11 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
     else:
         log.info(f"run {run_info['id']} started in {out_dir}")
 
-    trained = paddle.DataParallel(student) if world_size > 1 else student
+    trained = student
+    if world_size > 1 and training.data_parallel:
+        trained = paddle.DataParallel(student)
+    elif world_size > 1:  # the method averages its own gradients; start every rank from rank 0's weights
+        broadcast_parameters(student)
     cached = None
     if training.prepare is not None:
         training.prepare(model, config)
@@ -591,13 +586,13 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
             rng = np.random.default_rng([int(config["seed"]), epoch, batch_number, rank])
             if training.step is not None:  # the method's own optimiser steps (several per batch)
                 value = float(training.step(model, trained, x, teacher_feats, rng, optimizer))
-                if not _all_finite(value, world_size):
+                if not all_finite(value):
                     raise diverged(f"the loss is {value} in batch {batch_number}", epoch)
                 losses.append(value)
                 continue
             loss = training.loss(model, trained, x, teacher_feats, rng)
             value = float(loss)
-            if not _all_finite(value, world_size):  # before the step: the weights stay the last good ones
+            if not all_finite(value):  # before the step: the weights stay the last good ones
                 raise diverged(f"the loss is {value} in batch {batch_number}", epoch)
             loss.backward()
             optimizer.step()

@@ -118,6 +118,9 @@ class TrainingSpec:
     #: after the last epoch, before calibration and the final checkpoint: ``finalize(model, train_images,
     #: config)`` (CFlow-AD's reference maxima from the training images)
     finalize: Optional[Callable[[AnomalyModel, Any, Mapping[str, Any]], None]] = None
+    #: False when the method's ``step`` averages its gradients over the ranks itself
+    #: (:mod:`kdad.utils.distributed`) instead of the trainer wrapping the student in ``paddle.DataParallel``
+    data_parallel: bool = True
 
     def __post_init__(self) -> None:
         if (self.loss is None) == (self.step is None):

@@ -25,8 +25,11 @@ Differences from the official loop, all outside the fiber steps themselves:
 * the official loader drops an incomplete last image batch (``drop_last=True``) and asserts that every
   tap has at least ``N`` fibers; the shared trainer keeps the last batch, and a tap with fewer than ``N``
   fibers in a batch makes one fiber batch of all of them;
-* with ``world_size > 1`` every process steps on its own batch's fibers (gradients averaged by the
-  data-parallel wrapper), like any data-parallel run of the official loop would.
+* with ``world_size > 1`` every process steps on its own batch's fibers, its gradients averaged over
+  the processes after each backward (:func:`kdad.utils.distributed.average_gradients`; the trainer
+  does not wrap the flows in ``paddle.DataParallel``, whose reducer allows one forward per backward and
+  no flow left without a gradient); per tap, every process takes the fewest fiber batches any process
+  has, so all take the same steps on the same flows.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import paddle.nn as nn
 from kdad.methods.base import AnomalyModel, TrainingSpec, backbone_taps
 from kdad.methods.cflow.loss import fibers, log_likelihood, nll
 from kdad.methods.cflow.model import FIBER_BATCH, set_reference_maxima
+from kdad.utils.distributed import agreed_minimum, all_finite, average_gradients
 
 #: the official schedule (``main.py``): sub-epochs per meta epoch, warm-up meta epochs, decay rate
 SUB_EPOCHS = 8
@@ -103,7 +107,10 @@ def train_step(model: AnomalyModel, student_layer: nn.Layer, x: Any, features: D
         e_r = fibers(feature)
         c_r = paddle.tile(model.position_encoding(index), [int(feature.shape[0]), 1])  # (image, row, column)
         taps.append((e_r, c_r, fiber_batches(int(e_r.shape[0]), size, rng)))
-    steps = max(len(batches) for _, _, batches in taps)
+    # data parallel: every rank takes the same steps on the same flows (the fewest fiber batches of any rank)
+    counts = agreed_minimum([len(batches) for _, _, batches in taps])
+    taps = [(e_r, c_r, batches[:n]) for (e_r, c_r, batches), n in zip(taps, counts)]
+    steps = max(counts)
     total, count = 0.0, 0
     for step in range(steps):
         optimizer.clear_grad(set_to_zero=False)  # torch's zero_grad(): decoders without a batch stay put
@@ -119,9 +126,10 @@ def train_step(model: AnomalyModel, student_layer: nn.Layer, x: Any, features: D
             batch_loss = paddle.mean(fiber_loss)
             step_loss = batch_loss if step_loss is None else step_loss + batch_loss
         value = float(step_loss)
-        if not math.isfinite(value):
-            return value  # the trainer reports the divergence; this step is not taken
+        if not all_finite(value):
+            return value if not math.isfinite(value) else math.nan  # the trainer reports it; no step taken
         step_loss.backward()
+        average_gradients(student_layer.parameters())
         optimizer.step()
     optimizer.clear_grad(set_to_zero=False)
     return total / count
@@ -141,4 +149,4 @@ def optimizer(config: Mapping[str, Any], parameters: Sequence[paddle.Tensor]) ->
 
 
 TRAINING = TrainingSpec(student=student, teacher_features=backbone_taps, optimizer=optimizer,
-                        step=train_step, finalize=finalize)
+                        step=train_step, finalize=finalize, data_parallel=False)
