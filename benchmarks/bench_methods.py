@@ -5,8 +5,8 @@ For each checkpoint: FLOPs per image (every convolution, transposed convolution 
 exported model's forward runs, counted with forward hooks: backbone, students, decoders, flows,
 U-Nets, blur; plus the method's own products: PaDiM's per-position Mahalanobis ``P * 2 d^2``,
 PatchCore's patch-to-bank distances ``P * 2 M D`` and the re-weighting's bank row ``2 M D``;
-element-wise work such as the flows' permutations and log-likelihoods is left out), the machine's matrix-multiply rate
-measured in the same run, the floor (FLOPs / rate), and the measured ms per image of the exported
+element-wise work such as the flows' permutations and log-likelihoods is left out), the machine's
+matrix-multiply rate measured in the same run, the floor (FLOPs / rate), and the measured ms per image of the exported
 model in Paddle Inference (oneDNN on and off) and onnxruntime at the chosen batch sizes; plus the
 size of the fitted state (statistics / memory bank) and, when the checkpoint records it, the fit time.
 
@@ -77,12 +77,13 @@ def bench_checkpoint(method: str, checkpoint: str, batch_sizes: List[int], threa
     from kdad.deploy.config import load_deploy_config
     from kdad.deploy.onnx_runtime import OnnxRunner, convert_to_onnx
     from kdad.deploy.runtime import PredictorOptions, create_paddle_predictor
+    from kdad.engine.common import backbone_of
     from kdad.export import export_model
     from kdad.utils.checkpoint import load_checkpoint, load_model
 
     model, state, config = load_model(checkpoint)
     flops = method_flops(method, model)
-    row: Dict[str, Any] = {"method": method, "backbone": config["backbone"],
+    row: Dict[str, Any] = {"method": method, "backbone": backbone_of(config),
                            "image_size": int(config["mvtec_img_size"]), "gflop_per_image": flops["total"] / 1e9,
                            "method_gflop": flops["method"] / 1e9, "floor_ms": flops["total"] / rate * 1000.0,
                            "state_mb": round(state_megabytes(model), 1),

@@ -13,7 +13,8 @@ from kdad.cli import base_parser, config_from_args, run_main  # noqa: E402
 
 
 def main(argv: List[str]) -> int:
-    parser = base_parser("Train (KDAD) or fit (PaDiM, PatchCore) a model on normal images of one class.")
+    parser = base_parser("Train (KDAD, STFPM, RD4AD, CFlow-AD, DRAEM) or fit (PaDiM, PatchCore) a model on "
+                         "normal images of one class.")
     args = parser.parse_args(argv)
     config = config_from_args(args)
     from kdad.engine.trainer import TrainingInterrupted, train

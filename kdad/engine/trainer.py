@@ -607,7 +607,7 @@ def _train(config: Dict[str, Any], spec: Any, run: Optional[_RunFolder], rank: i
         if rank == 0:
             seconds = time.time() - t0
             log.info(f"epoch {epoch} loss {epoch_loss:.6f} time {seconds:.2f}s "
-                     f"({len(train_images) / max(seconds, 1e-9):.1f} img/s)")
+                     f"({len(train_images) / max(seconds, 1e-9):.3g} img/s)")
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{epoch_loss:.4f}")
             if periodic or epoch == num_epochs - 1:
