@@ -71,11 +71,6 @@ COLUMNS = ("method", "backbone", "size", "batch", "variant", "GFLOP/img", "floor
 
 # --- FLOPs ------------------------------------------------------------------------------------------
 
-def _drop_outputs(records: List[Dict[str, Any]]) -> None:
-    for record in records:
-        record.pop("output", None)
-
-
 def training_flops(model: Any, training: Any, student: Any, images: Any, config: Any) -> Dict[str, Any]:
     """FLOPs per image of the teacher forward, the student forward and its gradients, counted on one
     training batch ``images`` (eval mode, gradients enabled so the hooks see which tensors need them).
@@ -87,13 +82,13 @@ def training_flops(model: Any, training: Any, student: Any, images: Any, config:
     import numpy as np
     import paddle
 
-    from benchmarks.flops import count_layers
+    from benchmarks.flops import count_layers, drop_outputs
 
     model.eval()
     count = int(images.shape[0])
     x = paddle.to_tensor(images)
     teacher, feats = count_layers(model, lambda: training.teacher_features(model, x))
-    _drop_outputs(teacher)
+    drop_outputs(teacher)
     feats = {key: value.detach() for key, value in feats.items()}
     rng = np.random.default_rng(0)
     with paddle.enable_grad():
@@ -108,7 +103,7 @@ def training_flops(model: Any, training: Any, student: Any, images: Any, config:
             reaches_loss = {id(r): g is not None for r, g in zip(graded, grads)}
     for r in records:
         r["reaches_loss"] = reaches_loss.get(id(r), False)
-    _drop_outputs(records)
+    drop_outputs(records)
     forward = sum(r["flops"] for r in records) / count
     data_grads = sum(r["flops"] for r in records if r["reaches_loss"] and r["input_needs_grad"]) / count
     weight_grads = sum(r["flops"] for r in records if r["reaches_loss"] and r["weight_trained"]) / count
@@ -146,6 +141,7 @@ def bench_method(method: str, backbone: str, image_size: Optional[int], batch_si
     import numpy as np
     import paddle
 
+    from kdad.engine.common import backbone_of
     from kdad.engine.trainer import cache_teacher_features
     from kdad.registry import get_method
 
@@ -203,7 +199,7 @@ def bench_method(method: str, backbone: str, image_size: Optional[int], batch_si
     for name in variants:
         timing = timings[name]
         rows.append({
-            "method": method, "backbone": spec_backbone(spec, backbone), "image_size": size, "batch": batch,
+            "method": method, "backbone": backbone_of(config), "image_size": size, "batch": batch,
             "variant": name, "learning_rate": float(config["learning_rate"]),
             "train_gflop_per_image": flops[f"train_{name}"] / 1e9,
             "measured_images_per_s": batch / timing["median_s"],
@@ -215,11 +211,6 @@ def bench_method(method: str, backbone: str, image_size: Optional[int], batch_si
     return {"method": method, "flops": flops, "cache_s": cache_s, "cache_images": batch,
             "cached_mb": sum(value.nbytes for value in cached.values()) / 2 ** 20,
             "peak_rss_mb": peak_rss_mb(), "rows": rows}
-
-
-def spec_backbone(spec: Any, backbone: str) -> str:
-    """The backbone a row names: ``none`` for a method without one (DRAEM)."""
-    return backbone if spec.uses_backbone else "none"
 
 
 def child_main(args: argparse.Namespace) -> int:
