@@ -1,8 +1,8 @@
 """Heatmap panels for prediction, shared by :mod:`kdad.engine.predictor` (``tools/predict.py``) and
 the deploy runtime (``tools/infer.py``, ONNX). numpy / OpenCV only (no Paddle). Images are ``HxWx3``
 ``uint8`` RGB; maps are ``SxS`` float maps in the model's input frame (the whole image resized to
-``SxS``, no crop), in the method's own units (KDAD: blurred ``sum_c |d score / d pixel|``; PaDiM,
-PatchCore: the blurred anomaly map of the exported model), never scaled per image.
+``SxS``, no crop), in the method's own units (KDAD: blurred ``sum_c |d score / d pixel|``; the other
+methods: the anomaly map of the exported model), never scaled per image.
 
 One panel per image (:func:`result_panel`), for an inspection engineer:
 
@@ -19,14 +19,16 @@ One panel per image (:func:`result_panel`), for an inspection engineer:
 Pixel threshold (:func:`pixel_threshold_rule`), from the same held-out normal images as the image
 threshold (the calibration of ``tools/train.py``; the ``deploy.yaml`` of an export):
 
-* PaDiM and PatchCore (:data:`SCORE_IS_MAP_MAX`): the image threshold itself. The PaDiM score is the
-  maximum of its map, so an image is NG exactly when some pixel is over the threshold; the PatchCore
-  score is the re-weighted largest patch distance, the quantity its map shows. A ``--threshold``
-  given by the user moves the pixel threshold with it.
-* KDAD (gradient and feature maps, not in score units): the largest value of the held-out normal
-  maps (``map_statistics["max"]``; ``p999`` for statistics without it). Like the image threshold,
-  which is the largest held-out normal score whenever at most ``1 / false_reject_rate`` (100 by
-  default) images are held out, no held-out normal image has a pixel over it.
+* PaDiM, PatchCore, STFPM, RD4AD and CFlow-AD (:data:`SCORE_IS_MAP_MAX`): the image threshold
+  itself. Their score is the maximum of their map (PatchCore: the re-weighted largest patch
+  distance, the quantity its map shows), so an image is NG exactly when some pixel is over the
+  threshold. A ``--threshold`` given by the user moves the pixel threshold with it.
+* KDAD (gradient and feature maps, not in score units) and DRAEM (its score is the largest 21x21
+  mean of its probability map, not a pixel value; the image threshold would outline isolated
+  normal pixels): the largest value of the held-out normal maps (``map_statistics["max"]``;
+  ``p999`` for statistics without it). Like the image threshold, which is the largest held-out
+  normal score whenever at most ``1 / false_reject_rate`` (100 by default) images are held out, no
+  held-out normal image has a pixel over it.
 * ``--pixel_threshold`` (predict) overrides it.
 
 Colour scale (:func:`colour_range`), fixed per model, never per image: ``low`` = the normal median
@@ -79,7 +81,15 @@ FONT = cv2.FONT_HERSHEY_SIMPLEX
 SCORE_IS_MAP_MAX = {
     "padim": "the PaDiM score is the maximum of its map",
     "patchcore": "the PatchCore score is the re-weighted largest patch distance, which its map shows",
+    "stfpm": "the STFPM score is the maximum of its map",
+    "rd4ad": "the RD4AD score is the maximum of its map",
+    "cflow": "the CFlow-AD score is the maximum of its map",
 }
+
+#: ``--pixel_threshold``'s help, the same for ``tools/predict.py``, ``tools/infer.py`` and the ONNX runner
+PIXEL_THRESHOLD_HELP = ("map value outlined as anomalous (default: the image threshold for "
+                        + ", ".join(SCORE_IS_MAP_MAX) + ", whose score is their map's maximum; the largest "
+                        "held-out normal map value for the others; kdad/visualize.py)")
 
 
 def _finite(value: Any, what: str) -> float:

@@ -169,6 +169,29 @@ def test_predict_and_infer_give_the_same_decisions(fitted, data_root):
         assert os.path.isfile(row["result_image"])
 
 
+
+def test_outline_agrees_with_the_decision(fitted, data_root):
+    """The methods whose score is their map's maximum (checked here on the model's own outputs) are
+    those whose pixel threshold is the image threshold; for them a user's ``--threshold`` moves the
+    outline with the decision: NG exactly when some pixel is outlined."""
+    from kdad.engine.predictor import predict
+    from kdad.visualize import SCORE_IS_MAP_MAX
+
+    method, test_dir = fitted["method"], os.path.join(data_root, "tex", "test")
+    first = predict(fitted["path"], test_dir, os.path.join(fitted["out"], "outline_1"))
+    is_map_max = [abs(r["map_max"] - r["score"]) <= 1e-6 * max(1.0, abs(r["score"])) for r in first]
+    # PatchCore's score is the re-weighted largest patch distance: listed, but not the map maximum
+    assert all(is_map_max) == (method in SCORE_IS_MAP_MAX and method != "patchcore"), (method, first)
+    if not all(is_map_max):
+        return
+    scores = sorted(r["score"] for r in first)
+    threshold = 0.5 * (scores[len(scores) // 2 - 1] + scores[len(scores) // 2])  # some NG, some OK
+    rows = predict(fitted["path"], test_dir, os.path.join(fitted["out"], "outline_2"), threshold=threshold)
+    assert {r["decision"] for r in rows} == {"OK", "NG"}
+    for row in rows:
+        assert (row["decision"] == "NG") == (row["anomalous_area"] > 0), row
+
+
 # ----------------------------------------------------------------------------- trained methods
 
 

@@ -32,13 +32,15 @@ def _textured(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def test_pixel_threshold_rule() -> None:
-    # PaDiM / PatchCore: the image score is (a re-weighting of) the map maximum -> the image threshold
-    for method in ("padim", "patchcore"):
+    # the image score is (PatchCore: a re-weighting of) the map maximum -> the image threshold
+    # (tests/test_method_chain.py checks which methods' scores are their maps' maxima)
+    for method in ("padim", "patchcore", "stfpm", "rd4ad", "cflow"):
         value, source = visualize.pixel_threshold_rule(method, 7.5, STATS)
         assert value == 7.5 and "image threshold" in source
-    # KDAD maps are not in score units: the largest held-out normal map value
-    value, source = visualize.pixel_threshold_rule("kdad", 7.5, STATS)
-    assert value == 2.5 and "held-out normal" in source
+    # KDAD maps are not in score units, DRAEM's score is a 21x21 mean: the largest held-out normal value
+    for method in ("kdad", "draem"):
+        value, source = visualize.pixel_threshold_rule(method, 7.5, STATS)
+        assert value == 2.5 and "held-out normal" in source
     assert visualize.pixel_threshold_rule("kdad", 7.5, {"p50": 1.0, "p99": 1.5, "p999": 2.0})[0] == 2.0
     assert visualize.pixel_threshold_rule("kdad", 7.5, None)[0] is None
     with pytest.raises(ValueError, match="finite"):

@@ -20,6 +20,7 @@ from kdad.cli import run_main  # noqa: E402
 def main(argv: List[str]) -> int:
     from kdad.deploy.runtime import RESULT_COLUMNS, finite_float, non_negative_int, positive_int
     from kdad.utils import quiet
+    from kdad.visualize import PIXEL_THRESHOLD_HELP
 
     parser = argparse.ArgumentParser(
         description="Anomaly score, OK/NG decision and heatmap panel for an image or a folder of images.",
@@ -33,8 +34,7 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--threshold", type=finite_float, default=None,
                         help="OK/NG threshold, NG iff score > T (default: the checkpoint's calibrated one)")
     parser.add_argument("--pixel_threshold", type=finite_float, default=None,
-                        help="map value outlined as anomalous (default: the image threshold for PaDiM and "
-                             "PatchCore, the largest held-out normal map value for KDAD)")
+                        help=PIXEL_THRESHOLD_HELP)
     parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--cpu_threads", type=non_negative_int, default=0,
                         help="CPU math threads, 0 (default): all cores")

@@ -43,6 +43,7 @@ from kdad.deploy.runtime import (
     str2bool,
 )
 from kdad.utils import quiet
+from kdad.visualize import PIXEL_THRESHOLD_HELP
 
 ONNX_FILENAME = "model.onnx"
 
@@ -193,7 +194,7 @@ def infer_main(argv: List[str]) -> int:
                         help="CPU threads, 0 (default): all cores")
     parser.add_argument("--threshold", type=finite_float, default=None, help="NG iff score > threshold")
     parser.add_argument("--pixel_threshold", type=finite_float, default=None,
-                        help="map value outlined as anomalous (default: kdad/visualize.py's rule)")
+                        help=PIXEL_THRESHOLD_HELP)
     parser.add_argument("--save_dir", default="output/inference_onnx", help="results.csv/json and heatmaps/")
     parser.add_argument("--save_heatmaps", type=str2bool, default=True)
     parser.add_argument("--display_size", type=positive_int, default=256,

@@ -55,7 +55,14 @@ from kdad.deploy.config import (
 from kdad.postprocess import blur
 from kdad.utils import quiet
 from kdad.utils.autolog import set_data_num
-from kdad.visualize import display_scale, map_maximum, over_threshold, result_panel, save_rgb
+from kdad.visualize import (
+    PIXEL_THRESHOLD_HELP,
+    display_scale,
+    map_maximum,
+    over_threshold,
+    result_panel,
+    save_rgb,
+)
 
 MODEL_CANDIDATES = (("model.json", "model.pdiparams"), ("inference.json", "inference.pdiparams"),
                     ("model.pdmodel", "model.pdiparams"), ("inference.pdmodel", "inference.pdiparams"))
@@ -704,8 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=finite_float, default=None,
                         help="NG iff score > threshold (default: the deploy.yaml calibration threshold)")
     parser.add_argument("--pixel_threshold", type=finite_float, default=None,
-                        help="map value outlined as anomalous (default: the image threshold for PaDiM and "
-                             "PatchCore, the largest held-out normal map value for KDAD; kdad/visualize.py)")
+                        help=PIXEL_THRESHOLD_HELP)
     parser.add_argument("--save_dir", default="output/inference", help="results.csv/json and heatmaps/")
     parser.add_argument("--save_heatmaps", type=str2bool, default=True)
     parser.add_argument("--display_size", type=positive_int, default=256,

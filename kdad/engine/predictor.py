@@ -4,8 +4,8 @@ The OK/NG threshold is the checkpoint's calibrated one (held-out normal training
 one is given; NG iff ``score > threshold``. Heatmaps are the method's anomaly maps (KDAD: the raw
 gradient maps of :func:`kdad.methods.kdad.localization.localization_maps`) in the panels of
 :mod:`kdad.visualize`: fixed colours from the calibration's normal statistics and the documented pixel
-threshold (:func:`kdad.visualize.pixel_threshold_rule`: the image threshold for PaDiM and PatchCore,
-the largest held-out normal map value for KDAD) unless one is given.
+threshold (:func:`kdad.visualize.pixel_threshold_rule`: the image threshold where the score is the
+map's maximum, else the largest held-out normal map value) unless one is given.
 
 Input, results and options mean what they mean for ``tools/infer.py`` (:mod:`kdad.deploy.runtime`):
 an image or every image under a folder (sub-folders included), ``results.csv`` / ``results.json``
