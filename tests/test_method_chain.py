@@ -1,8 +1,8 @@
-"""The whole chain for the methods other than KDAD (PaDiM, PatchCore fitted; STFPM, RD4AD trained
-a few epochs) on a tiny generated class: fit or train -> calibrate -> evaluate -> predict -> export ->
-Paddle Inference and onnxruntime, each checked against an independent computation or the dynamic
-model. For the trained methods also: stopped and resumed = uninterrupted, cached teacher features =
-uncached."""
+"""The whole chain for the methods other than KDAD (PaDiM, PatchCore fitted; STFPM, RD4AD, CFlow-AD,
+DRAEM trained a few epochs) on a tiny generated class: fit or train -> calibrate -> evaluate ->
+predict -> export -> Paddle Inference and onnxruntime, each checked against an independent
+computation or the dynamic model. For the trained methods also: stopped and resumed =
+uninterrupted, cached teacher features = uncached."""
 
 from __future__ import annotations
 
