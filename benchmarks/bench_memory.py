@@ -4,7 +4,7 @@ A generated texture class with 847 normal training images (``kdad.data.synthetic
 holds out round(847 * 0.1) = 85 for calibration and trains on 762, the count of the target. The
 child process runs ``kdad.engine.trainer.train`` for ``--memory_epochs`` epoch(s) with the default
 config (batch 64, cached expert features, calibration with gradient maps at the end), then reports
-its own peak RSS (``ru_maxrss``) and wall time. Nothing else runs in that process, so the peak is
+its own peak RSS (``VmHWM``, :func:`kdad.utils.memory.peak_rss_mb`) and wall time. Nothing else runs in that process, so the peak is
 the training run's.
 """
 
@@ -23,18 +23,19 @@ N_GENERATED = 847  # -> 762 training images + 85 held out
 TARGET_MB = 3 * 1024
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 sys.path.insert(0, {repo!r})
 import warnings; warnings.filterwarnings("ignore")
 import paddle
 paddle.base.core.set_num_threads({threads})
 from kdad.config import load_config
 from kdad.engine.trainer import train
+from kdad.utils.memory import peak_rss_mb
 config = load_config(None, {overrides!r})
 start = time.time()
 path = train(config)
 elapsed = time.time() - start
-print("RESULT " + json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+print("RESULT " + json.dumps({{"peak_rss_mb": peak_rss_mb(),
                               "seconds": elapsed, "checkpoint": path}}), flush=True)
 """
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from kdad.utils.memory import peak_rss_mb  # noqa: E402,F401 - the benchmarks' peak memory
 
 # Environments a part can run in. "default": paddle as installed. "tuned": Intel MKL (which
 # Paddle's CPU wheel uses for GEMM in its native conv/matmul kernels) told to use its AVX2 code
@@ -88,11 +89,6 @@ def interleaved_timing(functions: Mapping[str, Callable[[], Any]], repeats: int,
             times[name].append(time.perf_counter() - start)
     return {name: {"median_s": statistics.median(values), "min_s": min(values), "times_s": values}
             for name, values in times.items()}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def load_average() -> List[float]:

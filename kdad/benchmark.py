@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -36,23 +34,22 @@ COLUMNS = (("method", "method"), ("backbone", "backbone"), ("image_size", "size"
 
 
 def run_training(config_file: str, args: argparse.Namespace, method: str, out: str) -> Dict[str, Any]:
-    """``tools/train.py`` in a child process: wall time and the child's own peak RSS."""
-    command = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--config", config_file,
+    """``tools/train.py`` in a child process: wall time and the child's own peak RSS
+    (:func:`kdad.utils.memory.run_measured`: not the RSS this process had when it started the child)."""
+    from kdad.utils.memory import run_measured
+
+    command = [os.path.join(REPO, "tools", "train.py"), "--config", config_file,
                "--dataset_root", args.dataset_root, "--normal_class", args.normal_class,
                "--save_dir", os.path.join(out, "runs"), "-o", f"log_dir={os.path.join(out, 'logs')}",
                "-o", "progress_bar=False", "-o", f"method={method}",
                "-o", "overwrite=True"]  # the benchmark's own run folder: a rerun replaces it
     for item in args.override:
         command += ["-o", item]
-    started = time.time()
-    with open(os.path.join(out, f"{method}_train_stdout.log"), "w", encoding="utf-8") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.time() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"training {method} failed (exit {os.waitstatus_to_exitcode(status)}); "
-                           f"see {log.name}")
-    return {"train_seconds": round(seconds, 1), "peak_memory_mb": round(usage.ru_maxrss / 1024.0, 1)}
+    log_path = os.path.join(out, f"{method}_train_stdout.log")
+    code, seconds, peak = run_measured(command, log_path, cwd=REPO)
+    if code != 0:
+        raise RuntimeError(f"training {method} failed (exit {code}); see {log_path}")
+    return {"train_seconds": round(seconds, 1), "peak_memory_mb": None if peak is None else round(peak, 1)}
 
 
 def time_runner(run, images: np.ndarray, batch_size: int, warmup: int = 2) -> float:

@@ -5,8 +5,8 @@ upstream package, which TIPC logs are parsed against. Differences, on purpose:
 
 * ``report()`` returns instead of calling ``sys.exit(0)`` (set ``exit_after_report=True`` to get
   upstream's behaviour);
-* memory is the peak resident set size of this process (``resource.getrusage``), not a sampling
-  subprocess; GPU memory and utilisation come from ``nvidia-smi`` when ``gpu_ids`` is set;
+* memory is the peak resident set size of this process (:func:`kdad.utils.memory.peak_rss_mb`), not
+  a sampling subprocess; GPU memory and utilisation come from ``nvidia-smi`` when ``gpu_ids`` is set;
 * an empty time list gives 0.0 instead of an error; an optional ``per_image`` line divides the mean
   batch times by the batch size (off by default, so the block is line-for-line upstream's);
 * ``data_num`` can be set to the number of images (:func:`set_data_num`); upstream counts ``end()``
@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+
+from kdad.utils.memory import peak_rss_mb
 
 DEFAULT_TIME_KEYS = ("preprocess_time", "inference_time", "postprocess_time")
 
@@ -169,12 +170,6 @@ def gpu_memory(gpu_id: int) -> tuple:
     return None, None
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB (Linux reports KB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / 1024.0 if sys.platform != "darwin" else peak / 2**20, 4)
-
-
 def set_data_num(times: Any, count: int) -> None:
     """Make the report's ``data_num`` ``count`` (e.g. images) for this module's or upstream's ``Times``.
 
@@ -296,7 +291,7 @@ class AutoLogger:
         info(f"{p} input_shape: {self.data_shape}")
         info(f"{p} data_num: {self.times._num_counts()}")
         info("----------------------- Perf info -----------------------")
-        info(f"{p} cpu_rss(MB): {peak_rss_mb()}, gpu_rss(MB): {gpu_rss}, gpu_util: {gpu_util}%")
+        info(f"{p} cpu_rss(MB): {round(peak_rss_mb(), 4)}, gpu_rss(MB): {gpu_rss}, gpu_util: {gpu_util}%")
         info(f"{p} total time spent(s): {round(float(self.times._report_total_time('sum')), 4)}")
         info(f"{p} " + ", ".join(f"{key}(ms): {value}" for key, value in ms.items()))
         if self.per_image and self.batch_size:
