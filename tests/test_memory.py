@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from kdad.utils.memory import peak_rss_mb, run_measured
+from kdad.utils.memory import run_measured
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 linux_only = pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="needs Linux /proc")
 
 CHILD = """
@@ -23,20 +25,24 @@ raise SystemExit({code})
 """
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        line = next(line for line in status if line.startswith(key + ":"))
-    return int(line.split()[1]) / 1024.0
-
-
 @linux_only
-def test_peak_grows_with_what_this_process_touches():
-    before = _status_mb("VmRSS")
-    block = np.ones(300 * 2**20 // 8)  # 300 MB, every page written
-    now = _status_mb("VmRSS")
-    assert now >= before + 250
-    assert peak_rss_mb() >= now  # the peak so far, whatever this process held before
-    del block
+def test_peak_grows_with_what_the_process_touches(tmp_path):
+    """In a fresh process (here, freed memory of earlier tests could be reused without growing)."""
+    script = tmp_path / "grow.py"
+    script.write_text(
+        "import json, numpy as np\n"
+        "from kdad.utils.memory import peak_rss_mb\n"
+        "def rss():\n"
+        "    lines = open('/proc/self/status').read().splitlines()\n"
+        "    return next(int(l.split()[1]) for l in lines if l.startswith('VmRSS:')) / 1024\n"
+        "before, peak_before = rss(), peak_rss_mb()\n"
+        "block = np.ones(300 * 2**20 // 8)  # 300 MB, every page written\n"
+        "print(json.dumps([before, peak_before, rss(), peak_rss_mb()]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
+    before, peak_before, after, peak_after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert after >= before + 250 and peak_before >= before
+    assert peak_after >= after and peak_after >= peak_before + 250
 
 
 @linux_only
