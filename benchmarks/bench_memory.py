@@ -4,8 +4,8 @@ A generated texture class with 847 normal training images (``kdad.data.synthetic
 holds out round(847 * 0.1) = 85 for calibration and trains on 762, the count of the target. The
 child process runs ``kdad.engine.trainer.train`` for ``--memory_epochs`` epoch(s) with the default
 config (batch 64, cached expert features, calibration with gradient maps at the end), then reports
-its own peak RSS (``VmHWM``, :func:`kdad.utils.memory.peak_rss_mb`) and wall time. Nothing else runs in that process, so the peak is
-the training run's.
+its own peak RSS (``VmHWM``, :func:`kdad.utils.memory.peak_rss_mb`) and wall time. Nothing else
+runs in that process, so the peak is the training run's.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ exported model's forward runs, counted with forward hooks: backbone, students, d
 U-Nets, blur; plus the method's own products: PaDiM's per-position Mahalanobis ``P * 2 d^2``,
 PatchCore's patch-to-bank distances ``P * 2 M D`` and the re-weighting's bank row ``2 M D``;
 element-wise work such as the flows' permutations and log-likelihoods is left out), the machine's
-matrix-multiply rate measured in the same run, the floor (FLOPs / rate), and the measured ms per image of the exported
-model in Paddle Inference (oneDNN on and off) and onnxruntime at the chosen batch sizes; plus the
-size of the fitted state (statistics / memory bank) and, when the checkpoint records it, the fit time.
+matrix-multiply rate measured in the same run, the floor (FLOPs / rate), and the measured ms per
+image of the exported model in Paddle Inference (oneDNN on and off) and onnxruntime at the chosen
+batch sizes; plus the size of the fitted state (statistics / memory bank) and, when the checkpoint
+records it, the fit time.
 
     python benchmarks/bench_methods.py --checkpoint padim=RUN/padim/magnetic_tile/model_final.pdparams \
         --checkpoint patchcore=RUN/patchcore/magnetic_tile/model_final.pdparams --batch_sizes 1,8

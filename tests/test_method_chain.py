@@ -169,7 +169,6 @@ def test_predict_and_infer_give_the_same_decisions(fitted, data_root):
         assert os.path.isfile(row["result_image"])
 
 
-
 def test_outline_agrees_with_the_decision(fitted, data_root):
     """The methods whose score is their map's maximum (checked here on the model's own outputs) are
     those whose pixel threshold is the image threshold; for them a user's ``--threshold`` moves the
